@@ -166,6 +166,16 @@ def extract_layer_key(run_id: str, step: int, layer: int) -> str:
     return f"{extract_step_prefix(run_id, step)}layer-{_check_layer(layer):02d}.safetensors"
 
 
+def extract_tokens_key(run_id: str, step: int) -> str:
+    """Per-token model outputs (predictive entropy, next-token probability) of the probe."""
+    return extract_step_prefix(run_id, step) + "tokens.safetensors"
+
+
+def extract_index_key(run_id: str, step: int) -> str:
+    """What one checkpoint's extraction holds: layers, sites, d_model, dtype, token count."""
+    return extract_step_prefix(run_id, step) + "index.json"
+
+
 def extract_done_key(run_id: str, step: int) -> str:
     return extract_step_prefix(run_id, step) + "DONE"
 

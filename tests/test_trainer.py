@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.trainer.checkpoint import complete_steps
 from shared import layout
-from shared.models import load_model
+from shared.models import complete_steps, load_model
 from shared.registry import create_run
 from shared.spec import RunSpec, apply_overrides
 from shared.store import open_store

@@ -11,9 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from services.trainer.checkpoint import complete_steps
 from services.trainer.loop import train
 from shared import layout
+from shared.models import complete_steps
 from shared.spec import RunSpec
 from shared.stage import Input, StageDef, stage_main
 from shared.store import Store

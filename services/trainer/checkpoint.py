@@ -35,17 +35,6 @@ class TrainerState:
     origin: str = ""  # "run_id:step" this training continued from, if another run
 
 
-def complete_steps(store: Store, run_id: str) -> list[int]:
-    """Steps whose checkpoint has its DONE marker, ascending."""
-    steps = set()
-    for key in store.list(layout.checkpoints_prefix(run_id)):
-        if key.endswith("/DONE"):
-            step = layout.parse_checkpoint_step(key)
-            if step is not None:
-                steps.add(step)
-    return sorted(steps)
-
-
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -23,7 +23,6 @@ from transformers import GPT2LMHeadModel
 from services.trainer import distributed
 from services.trainer.checkpoint import (
     TrainerState,
-    complete_steps,
     load_training_state,
     save_training_state,
 )
@@ -36,6 +35,7 @@ from shared.models import (
     ModelError,
     build_model,
     check_same_architecture,
+    complete_steps,
     count_parameters,
     load_config,
     load_tensors,
