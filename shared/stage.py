@@ -75,7 +75,10 @@ class StageDef:
     """One stage (or one subcommand of a service) described as data.
 
     `inputs` and `done_key` receive the parsed arguments and the spec, because fan-out
-    stages (one checkpoint, one layer) depend on which shard they are.
+    stages (one checkpoint, one layer) depend on which shard they are. A fan-out stage
+    started without its shard argument runs once per shard that `fan_out` lists, each
+    under the full contract (its own DONE marker, cache check and status), so a local
+    run does one after the other what Argo does in parallel pods.
     """
 
     name: str
@@ -86,6 +89,12 @@ class StageDef:
     spec_sections: tuple[str, ...]
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     shard: Callable[[argparse.Namespace], str | None] = lambda _args: None
+    fan_out: Callable[[argparse.Namespace, RunSpec, Store], Sequence[argparse.Namespace]] | None = (
+        None
+    )
+    #: The subcommand that starts it, when it differs from `name` (`python -m services.sae
+    #: train` is stage `sae`, so its status objects are `status/sae-layer-LL.json`).
+    subcommand: str | None = None
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,12 +283,12 @@ def stage_main(
     else:
         sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
         for stage in stages:
-            _configure(sub.add_parser(stage.name, help=stage.help), stage)
+            _configure(sub.add_parser(stage.subcommand or stage.name, help=stage.help), stage)
     args = parser.parse_args(argv)
     configure_logging()
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return execute(args.stage_def, args)
+        return _execute_all(args.stage_def, args)
     except DriftlabError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -289,6 +298,21 @@ def stage_main(
     except Terminated:
         print(f"{parser.prog}: terminated by SIGTERM", file=sys.stderr)
         return 143
+
+
+def _execute_all(stage: StageDef, args: argparse.Namespace) -> int:
+    if stage.fan_out is None or stage.shard(args) is not None:
+        return execute(stage, args)
+    store = open_store(args.store)
+    spec = load_run_spec(store, layout.validate_run_id(args.run))
+    shards = stage.fan_out(args, spec, store)
+    if not shards:
+        get_logger(stage.name, args.run).warning("nothing to do: no shard to run")
+    for shard_args in shards:
+        code = execute(stage, shard_args)
+        if code:
+            return code
+    return 0
 
 
 def _raise_terminated(_signum: int, _frame: object) -> None:

@@ -1,0 +1,1 @@
+"""Extractor: hidden states of every layer at every checkpoint, on a fixed probe set."""

@@ -1,0 +1,73 @@
+"""`python -m services.extractor --run RUN_ID --store URL [--step N]`.
+
+With `--step N` one checkpoint is extracted (the workflow runs one pod per checkpoint);
+without it, every finished checkpoint selected by `extract.steps`, one after the other,
+each under the stage contract, so those already extracted are cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from services.extractor.extract import extract_step
+from shared import layout
+from shared.errors import InputMissing
+from shared.models import complete_steps
+from shared.spec import RunSpec
+from shared.stage import Input, StageDef, stage_main
+from shared.store import Store
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--step",
+        type=int,
+        metavar="N",
+        help="extract only checkpoint step N (default: every finished checkpoint)",
+    )
+
+
+def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[Input]:
+    return [
+        Input(
+            layout.checkpoint_done_key(args.run, args.step),
+            f"python -m services.trainer --run {args.run} --store {args.store}",
+        )
+    ]
+
+
+def _selected_steps(args: argparse.Namespace, spec: RunSpec, store: Store) -> list[int]:
+    done = complete_steps(store, args.run)
+    wanted = spec.extract.steps
+    steps = done if wanted == "all" else [s for s in done if s in set(wanted)]
+    if not steps:
+        what = "any" if wanted == "all" else f"any of extract.steps {wanted}"
+        raise InputMissing(
+            f"run {args.run} has no finished checkpoint ({what}): run "
+            f"`python -m services.trainer --run {args.run} --store {args.store}` first"
+        )
+    return steps
+
+
+def _fan_out(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[argparse.Namespace]:
+    return [
+        argparse.Namespace(**{**vars(args), "step": s}) for s in _selected_steps(args, spec, store)
+    ]
+
+
+EXTRACT = StageDef(
+    name="extract",
+    help="Store every layer's hidden states for a fixed probe set at each checkpoint.",
+    run=extract_step,
+    done_key=lambda args, spec: layout.extract_done_key(args.run, args.step),
+    inputs=_inputs,
+    spec_sections=("data", "extract"),
+    add_arguments=_add_arguments,
+    shard=lambda args: None if args.step is None else f"step-{args.step}",
+    fan_out=_fan_out,
+)
+
+if __name__ == "__main__":
+    sys.exit(stage_main(EXTRACT, prog="python -m services.extractor"))
