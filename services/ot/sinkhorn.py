@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, TypedDict, Unpack
@@ -68,6 +68,7 @@ __all__ = [
     "depth_time_pairs",
     "emd_cost",
     "pairwise_drift",
+    "problem_count",
     "sinkhorn_cost",
     "sinkhorn_divergence",
     "sliced_wasserstein",
@@ -232,6 +233,7 @@ class _Config:
     chunk_bytes: int
     max_batch: int
     workers: int
+    on_solved: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -551,6 +553,7 @@ def _run(
         return init[k]
 
     local = threading.local()
+    report_lock = threading.Lock()
 
     def workspace() -> _Workspace:
         if not hasattr(local, "ws"):
@@ -584,6 +587,9 @@ def _run(
             error[k] = err_b[row]
             conv[k] = conv_b[row]
             f_all[k], g_all[k] = f_b[row], g_b[row]
+        if cfg.on_solved is not None:
+            with report_lock:
+                cfg.on_solved(len(ks))
 
     waves: dict[int, list[int]] = {}
     for k in range(n_pairs):
@@ -673,6 +679,9 @@ class SolverOptions(TypedDict, total=False):
       count on the CPU, each worker then running single-threaded BLAS).
     * ``check_every``: iterations between marginal checks (each is a host sync on CUDA;
       default 1).
+    * ``on_solved``: called with the number of OT problems each finished chunk solved
+      (from worker threads, one call at a time), so a caller can report progress; a
+      :func:`pairwise_drift` call counts up to :func:`problem_count` of its pairs.
     """
 
     tol: float | None
@@ -684,6 +693,7 @@ class SolverOptions(TypedDict, total=False):
     max_batch: int | None
     workers: int | None
     check_every: int
+    on_solved: Callable[[int], None] | None
 
 
 def _config(like: Tensor, reg: float, scale: float, options: SolverOptions) -> _Config:
@@ -722,6 +732,7 @@ def _config(like: Tensor, reg: float, scale: float, options: SolverOptions) -> _
         workers=max(1, workers)
         if workers is not None
         else (1 if cuda else torch.get_num_threads()),
+        on_solved=options.get("on_solved"),
     )
 
 
@@ -929,6 +940,16 @@ def depth_time_pairs(n_checkpoints: int, n_layers: int) -> PairPlan:
     return PairPlan(pairs, warm)
 
 
+def problem_count(pairs: Sequence[tuple[int, int]], method: Method) -> int:
+    """OT problems :func:`pairwise_drift` solves for ``pairs``: the total ``on_solved`` reaches.
+
+    Sinkhorn also solves one self-term OT(k, k) per distinct cloud the pairs use.
+    """
+    if method == "sinkhorn":
+        return len(pairs) + len({i for pq in pairs for i in pq})
+    return len(pairs)
+
+
 def pairwise_drift(
     clouds: Clouds,
     pairs: Sequence[tuple[int, int]],
@@ -960,11 +981,15 @@ def pairwise_drift(
     sc = cost_scale(cl) if scale is None else float(scale)
     n_pairs = len(pair_list)
     none = torch.zeros(n_pairs, dtype=torch.int64)
-    if method == "emd":
-        values = emd_cost([cl[p] for p, _ in pair_list], [cl[q] for _, q in pair_list], scale=sc)
-        return DriftResult(values, values, None, none, none == 0, sc, method, 0.0, 0.0)
-    if method == "sliced":
-        values = _sliced_pairs(cl, pair_list, n_projections, seed, sc, options.get("dtype"))
+    on_solved = options.get("on_solved")
+    if method in ("emd", "sliced"):
+        if method == "emd":
+            xs, ys = [cl[p] for p, _ in pair_list], [cl[q] for _, q in pair_list]
+            values = emd_cost(xs, ys, scale=sc)
+        else:
+            values = _sliced_pairs(cl, pair_list, n_projections, seed, sc, options.get("dtype"))
+        if on_solved is not None:
+            on_solved(n_pairs)
         return DriftResult(values, values, None, none, none == 0, sc, method, 0.0, 0.0)
     if method != "sinkhorn":
         raise ValueError(f"method must be 'sinkhorn', 'emd' or 'sliced', got {method!r}")

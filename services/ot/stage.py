@@ -1,0 +1,243 @@
+"""The OT stage's work: read the clouds, compute drift, find phases, write and plot them.
+
+Outputs (keys from `shared.layout`): `ot/drift.safetensors` (matrices, steps, scales,
+bootstrap bounds, permutation null; settings in its metadata), `ot/phases.json` and PNG
+figures `ot/depth.png`, `ot/time.png`, `ot/step.png`, `ot/drift_vs_eval.png`. A run with
+one checkpoint (analysis-only) has depth drift only, and phases.json says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+
+from services.ot import phases, plots
+from services.ot.clouds import HiddenClouds, load_clouds, planned_steps
+from services.ot.drift import (
+    BASELINE_QUANTILE,
+    CI_LEVEL,
+    DriftMatrices,
+    DriftSettings,
+    compute_drift,
+    p_values,
+    total_problems,
+)
+from shared import layout
+from shared.errors import ArtifactNotFound
+from shared.spec import OTSpec
+from shared.stage import StageContext, resolve_device
+from shared.store import Store
+
+PHASES_FORMAT = 1
+DEPTH_ONLY_NOTE = (
+    "analysis-only run: one checkpoint (step {step}), so only depth drift (between layers) "
+    "is computed; time and step drift, change points and the eval alignment need at least "
+    "two checkpoints"
+)
+
+
+def run_ot(ctx: StageContext) -> None:
+    ot = ctx.spec.ot
+    steps = planned_steps(ctx.store, ctx.run_id, ctx.spec)
+    clouds = load_clouds(ctx.store, ctx.run_id, steps, ot.n_points, ot.seed)
+    settings = _settings(ot, ctx.device if ctx.args.device != "auto" else resolve_device(ot.device))
+    n_t, n_l = len(steps), clouds.n_layers
+    ctx.log.info(
+        "%d checkpoints x %d layers, %d tokens per cloud, %s reg=%g%s",
+        n_t, n_l, len(clouds.token_index), ot.method, ot.reg,
+        "" if n_t >= 2 else " (one checkpoint: depth drift only)",
+    )  # fmt: skip
+    total = total_problems(n_t, n_l, settings)
+    with ctx.progress(total, unit="pairs", desc="OT pairs") as prog:
+
+        def solved(n: int) -> None:
+            prog.update(n)
+            prog.inc("driftlab_ot_pairs_done_total", n)
+
+        drift = compute_drift(steps, clouds.states, settings, solved, clouds.extra)
+    if drift.unconverged:
+        ctx.log.warning(
+            "%d OT problems stopped at ot.max_iter=%d before ot.tol=%g; their values are "
+            "approximate (raise max_iter or tol)", drift.unconverged, ot.max_iter, ot.tol,
+        )  # fmt: skip
+    ctx.store.put_tensors(
+        layout.ot_drift_key(ctx.run_id),
+        {k: v.contiguous() for k, v in drift.tensors().items()}
+        | {"token_index": clouds.token_index, "extra_index": clouds.extra_index},
+        metadata=_metadata(ot, clouds),
+    )
+    report = _phases(ctx.store, ctx.run_id, ot, drift)
+    _plot(ctx.store, ctx.run_id, drift, report)
+    ctx.store.put_json(layout.ot_phases_key(ctx.run_id), report)
+    mean = report.get("curves", {}).get("mean")
+    ctx.headline.update(
+        checkpoints=n_t,
+        layers=n_l,
+        pairs=total,
+        unconverged=drift.unconverged,
+        depth_only=n_t < 2,
+        transitions=[t["step"] for t in mean["transitions"]] if mean else [],
+    )
+
+
+def _settings(ot: OTSpec, device: str) -> DriftSettings:
+    return DriftSettings(
+        method=ot.method,
+        reg=ot.reg,
+        pca_components=ot.pca_components,
+        bootstrap=ot.bootstrap,
+        permutations=ot.permutations,
+        n_projections=ot.n_projections,
+        seed=ot.seed,
+        options={
+            "tol": ot.tol,
+            "max_iter": ot.max_iter,
+            "eps_scaling": 0.5 if ot.scaling else None,
+            "dtype": torch.float64 if ot.dtype == "float64" else torch.float32,
+            "device": device,
+        },
+    )
+
+
+def _metadata(ot: OTSpec, clouds: HiddenClouds) -> dict[str, str]:
+    return {
+        "format": "1",
+        "method": ot.method,
+        "reg": repr(ot.reg),
+        "tol": repr(ot.tol),
+        "dtype": ot.dtype,
+        "n_points": str(len(clouds.token_index)),
+        "pca_components": json.dumps(ot.pca_components),
+        "seed": str(ot.seed),
+        "bootstrap": str(ot.bootstrap),
+        "permutations": str(ot.permutations),
+        "values": "sinkhorn: debiased Sinkhorn divergence; emd: exact OT cost; sliced: "
+        "sliced W2^2; all on squared-Euclidean cost divided by the scale of the group",
+        "depth_basis": "per checkpoint: PCA fit on all layers of that checkpoint pooled; "
+        "cost divided by scale_depth[t]",
+        "time_basis": "per layer: PCA fit on all checkpoints of that layer pooled; "
+        "cost divided by scale_time[l] (time, step, bootstrap and null)",
+        "scale": "mean squared distance between two points of the group's projected "
+        "clouds pooled (services.ot.sinkhorn.cost_scale)",
+    }
+
+
+def _eval_series(store: Store, run_id: str, steps: list[int]) -> dict[str, list[float | None]]:
+    """Numeric eval metrics of each checkpoint (None where a checkpoint lacks one)."""
+    per_step: list[dict[str, Any]] = []
+    for step in steps:
+        try:
+            data = store.get_json(layout.checkpoint_dynamics_key(run_id, step))
+        except ArtifactNotFound:
+            data = {}
+        evals = data.get("eval") if isinstance(data, dict) else None
+        per_step.append(evals if isinstance(evals, dict) else {})
+    names = sorted(
+        {
+            k
+            for e in per_step
+            for k, v in e.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    )
+    series: dict[str, list[float | None]] = {}
+    for name in names:
+        values = [e.get(name) for e in per_step]
+        series[name] = [
+            float(v) if isinstance(v, int | float) and math.isfinite(v) else None for v in values
+        ]
+    return series
+
+
+def _phases(store: Store, run_id: str, ot: OTSpec, drift: DriftMatrices) -> dict[str, Any]:
+    steps = drift.steps
+    report: dict[str, Any] = {
+        "format": PHASES_FORMAT,
+        "steps": steps,
+        "method": ot.method,
+        "reg": ot.reg,
+        "unconverged_pairs": drift.unconverged,
+    }
+    if drift.step is None:
+        return report | {"depth_only": True, "note": DEPTH_ONLY_NOTE.format(step=steps[0])}
+    step_mean = drift.step_mean
+    assert step_mean is not None
+    n = len(steps) - 1
+    penalty = ot.change_penalty if ot.change_penalty is not None else phases.default_penalty(n)
+    report |= {
+        "depth_only": False,
+        "intervals": "interval i runs from steps[i] to steps[i+1]; items are reported at "
+        "its end, steps[i+1], the first checkpoint where the change is visible",
+        "change_points": {
+            "method": "ruptures PELT, l2 cost, min_size 1, on the curve divided by its noise "
+            "sigma (1.4826 MAD of first differences / sqrt 2, at least "
+            f"{phases.REL_NOISE_FLOOR:g} x the curve's median)",
+            "penalty": penalty,
+            "penalty_rule": "ot.change_penalty" if ot.change_penalty is not None
+            else "2 ln(n intervals): BIC of a mean shift in noise-variance units",
+        },
+        "spikes": {
+            "method": "modified z-score (x - median) / (1.4826 MAD), MAD term at least "
+            f"{phases.REL_NOISE_FLOOR:g} x the curve's median",
+            "threshold": phases.SPIKE_Z,
+        },
+        "bootstrap": {"replicates": ot.bootstrap, "interval": CI_LEVEL} if ot.bootstrap else None,
+        "baseline": {
+            "method": "drift between two random disjoint halves of one checkpoint's cloud "
+            "(the n drift tokens pooled with up to n more probe tokens), pooled over both "
+            "checkpoints of a step: the resolution of an n-token cloud",
+            "permutations": ot.permutations,
+            "quantile": BASELINE_QUANTILE,
+        }
+        if ot.permutations
+        else None,
+    }  # fmt: skip
+    base = drift.baseline()
+    null = drift.null
+    # Row 0 is the mean over layers, row 1 + l layer l: the same layout for every input.
+    values = torch.cat([step_mean[None], drift.step])
+    baselines = None if base is None else torch.cat([base[1][None], base[0]])
+    cis = None
+    if drift.step_ci is not None and drift.step_mean_ci is not None:
+        cis = torch.cat([drift.step_mean_ci[:, None], drift.step_ci], dim=1)
+    pvals = None if null is None else p_values(values, torch.cat([null.mean(0)[None], null]))
+    names = ["mean"] + [f"layer-{layer:02d}" for layer in range(drift.step.shape[0])]
+    curves = {
+        name: phases.analyse_curve(
+            steps,
+            values[k].numpy(),
+            baseline=None if baselines is None else baselines[k].numpy(),
+            ci=None if cis is None else cis[:, k].numpy(),
+            p_values=None if pvals is None else pvals[k].numpy(),
+            penalty=ot.change_penalty,
+        )
+        for k, name in enumerate(names)
+    }
+    report["curves"] = curves
+    metrics = _eval_series(store, run_id, steps)
+    jumps = {name: phases.eval_jumps(steps, values) for name, values in metrics.items()}
+    report["eval"] = {
+        name: {
+            "values": values,
+            "jumps": jumps[name],
+            "lead_lag": phases.lead_lag(step_mean.numpy(), values),
+        }
+        for name, values in metrics.items()
+    }
+    report["alignment"] = phases.align(steps, curves["mean"]["transitions"], jumps)
+    return report
+
+
+def _plot(store: Store, run_id: str, drift: DriftMatrices, report: dict[str, Any]) -> None:
+    steps = drift.steps
+    figures = {"depth": plots.depth_figure(steps, drift.depth.numpy())}
+    if drift.time is not None:
+        figures["time"] = plots.time_figure(steps, drift.time.numpy())
+        figures["step"] = plots.step_figure(steps, report["curves"])
+        metrics = {name: item["values"] for name, item in report["eval"].items()}
+        figures["drift_vs_eval"] = plots.eval_figure(steps, report["curves"]["mean"], metrics)
+    for name, png in figures.items():
+        store.put_bytes(layout.ot_plot_key(run_id, name), png)
