@@ -1,0 +1,158 @@
+"""Benchmark: SAE training throughput, against the machine's own matmul peak.
+
+One JSON object per case on stdout. Each case trains an SAE through the service's own
+path (`services.sae.batches.Batches` over a stored-dtype float16 layer tensor, then
+`services.sae.fit.fit`: Adam, schedule, decoder renormalisation, bf16 autocast on CUDA) for
+a fixed number of steps after a warm-up, and reports samples (hidden-state vectors) per
+second and the FLOP/s that implies.
+
+FLOPs per sample: the encoder and decoder matmuls (2·d_in·d_sae each) forward, twice
+that backward: 12·d_in·d_sae. Element-wise work, top-k and Adam are not counted, so the
+fraction is a lower bound on how busy the machine is.
+
+The side-by-side reference is the machine itself: the matmul peak is measured in the same
+run, in the dtype training computes in (float32 on CPU, bfloat16 on CUDA), both on a large
+square product and on the SAE's own encoder shape ([batch, d_in] @ [d_in, d_sae]); the
+fraction is against the larger. Published figures (other hardware, not re-measured here)
+are printed as ratios for orientation in the GhostTrack shape (1024 -> 5120): GhostTrack ~33,000 samples/s and SAELens ~55,000
+tokens/s end to end, both on an A100; the goal on one H100 is 1,000,000 samples/s.
+
+Imports only torch and the service's model code, so it runs on a bare GPU machine.
+
+Usage: python benchmarks/bench_sae.py [--quick] [--device cpu|cuda] [--arch jumprelu ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from services.sae.base import SAEConfig, SparseAutoencoder
+from services.sae.batches import Batches, input_scale, place
+from services.sae.fit import Schedule, fit
+from services.sae.models import build_sae
+
+PUBLISHED = {"ghosttrack_a100": 33_000.0, "saelens_a100": 55_000.0, "goal_h100": 1_000_000.0}
+ARCHS = ("jumprelu", "topk", "relu")
+#: (d_in, expansion) of the published figures: GPT-2 medium, 1024 -> 5120.
+GHOSTTRACK_SHAPE = (1024, 5)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _matmul_flops(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Best FLOP/s of [m, k] @ [k, n] over a few timed repetitions."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    best = float("inf")
+    reps = 10 if device.type == "cuda" else 3
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * m * k * n / best
+
+
+def matmul_peak(device: torch.device, batch: int, d_in: int, d_sae: int) -> dict[str, float]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    square = 8192 if device.type == "cuda" else 1024
+    return {
+        "square": _matmul_flops(square, square, square, device, dtype),
+        "sae_shape": _matmul_flops(batch, d_in, d_sae, device, dtype),
+    }
+
+
+def _sae(arch: str, d_in: int, d_sae: int, k: int) -> SparseAutoencoder:
+    return build_sae(SAEConfig(arch=arch, d_in=d_in, d_sae=d_sae, k=k if arch == "topk" else None))
+
+
+def run_case(args: argparse.Namespace, arch: str, peak: dict[str, float]) -> dict[str, Any]:
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    stored = torch.randn(args.tokens, args.d_in, generator=gen).to(torch.float16)
+    data = place(stored, device)
+    rows = torch.arange(args.tokens)
+    scale, mean = input_scale(data, rows)
+    sae = _sae(arch, args.d_in, args.d_in * args.expansion, args.k).to(device)
+    sae.init_from_data(mean.to(device), scale)
+    batches = Batches(data, rows, args.batch, device, scale, seed=0)
+    fit(sae, batches, Schedule(steps=args.warmup, lr=1e-4), compile=args.compile)
+    timed = Schedule(steps=args.steps, lr=1e-4)
+    load_before = os.getloadavg()[0]
+    summary = fit(sae, batches, timed, compile=args.compile, log_every=args.steps)
+    d_sae = sae.config.d_sae
+    flops_per_sample = 12.0 * args.d_in * d_sae
+    achieved = summary.samples_per_second * flops_per_sample
+    best_peak = max(peak.values())
+    sps = summary.samples_per_second
+    record: dict[str, Any] = {
+        "bench": "sae",
+        "case": f"{arch}-{args.d_in}x{d_sae}",
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "arch": arch,
+        "d_in": args.d_in,
+        "d_sae": d_sae,
+        "k": args.k if arch == "topk" else None,
+        "batch": args.batch,
+        "steps": args.steps,
+        "compile": args.compile,
+        "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+        "data_on_device": data.device.type == device.type,
+        "seconds": round(summary.seconds, 4),
+        "samples_per_second": round(sps, 1),
+        "flops_per_sample": flops_per_sample,
+        "achieved_tflops": round(achieved / 1e12, 4),
+        "matmul_peak_tflops": {k: round(v / 1e12, 4) for k, v in peak.items()},
+        "fraction_of_matmul_peak": round(achieved / best_peak, 4),
+        "final_loss": round(summary.last.get("loss", float("nan")), 5),
+        "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+    if (args.d_in, args.expansion) == GHOSTTRACK_SHAPE:
+        record["vs_published"] = {k: round(sps / v, 4) for k, v in PUBLISHED.items()}
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--arch", nargs="+", choices=ARCHS, default=list(ARCHS))
+    parser.add_argument("--d-in", type=int, default=None, help="default 1024 (GhostTrack)")
+    parser.add_argument("--expansion", type=int, default=5)
+    parser.add_argument("--k", type=int, default=32, help="active latents of topk")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=None, help="rows of the layer tensor")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the loss")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if args.quick:
+        defaults = {"d_in": 64, "batch": 256, "steps": 50, "warmup": 5, "tokens": 8192}
+    elif cuda:
+        defaults = {"d_in": 1024, "batch": 8192, "steps": 200, "warmup": 20, "tokens": 262_144}
+    else:
+        defaults = {"d_in": 1024, "batch": 1024, "steps": 5, "warmup": 1, "tokens": 16_384}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    peak = matmul_peak(torch.device(args.device), args.batch, args.d_in, args.d_in * args.expansion)
+    for arch in args.arch:
+        print(json.dumps(run_case(args, arch, peak)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Sparse autoencoders on hidden states: training per layer (`train`), later detection."""
