@@ -48,8 +48,6 @@ import math
 import os
 import random
 import re
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -362,33 +360,22 @@ def _describe_point(point: Mapping[str, Any]) -> str:
 # -- running here ------------------------------------------------------------------------
 
 
-def local_stage_commands(run_id: str, store_url: str) -> list[list[str]]:
-    """The commands that carry one registered run through its stages on this machine."""
-    # The workflow issue replaces this with the compiled Argo graph's local executor, so
-    # local runs and cluster runs follow one graph.
-    return [[sys.executable, "-m", "services.trainer", "--run", run_id, "--store", store_url]]
-
-
 def run_local(run_id: str, store_url: str) -> int:
-    """Run the run's stage commands in order; 0, or the exit code of the first that failed.
+    """Carry one registered run through its whole workflow here; 0 or 1.
 
-    Stages write their progress to stderr, and so does their stdout here: the sweep's own
-    stdout is only run ids, for scripts to read.
+    The compiled Argo graph runs under the local executor (workflows/local.py), exactly
+    as `driftlab run` does; task states go to stderr, so the sweep's stdout stays run ids.
     """
-    for command in local_stage_commands(run_id, store_url):
-        sys.stderr.flush()
-        try:
-            code = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=2, check=False)
-        except OSError as err:
-            print(f"{run_id}: cannot start {command[0]}: {err.strerror or err}", file=sys.stderr)
-            return 127
-        if code.returncode != 0:
-            print(
-                f"{run_id}: `{shlex.join(command)}` exited with {code.returncode}",
-                file=sys.stderr,
-            )
-            return code.returncode
-    return 0
+    from workflows.commands import run_registered
+
+    result = run_registered(run_id, store_url)
+    if result.failed is not None:
+        print(
+            f"{run_id}: {result.failed.name} {result.failed.state.lower()}: "
+            f"{result.failed.message}; logs in {result.log_dir}",
+            file=sys.stderr,
+        )
+    return 0 if result.ok else 1
 
 
 def _run_all_local(run_ids: list[str], store_url: str) -> int:
@@ -403,7 +390,7 @@ def _run_all_local(run_ids: list[str], store_url: str) -> int:
         results.append(
             {
                 "run_id": run_id,
-                "state": "succeeded" if code == 0 else f"failed (exit {code})",
+                "state": "succeeded" if code == 0 else "failed",
                 "seconds": round(time.monotonic() - start, 1),
             }
         )

@@ -437,69 +437,58 @@ def test_create_run_draws_a_taken_id_again(tmp_path, base, monkeypatch):
 # -- --local -----------------------------------------------------------------------------
 
 
-def _fake_stages(log: Path) -> Any:
-    """Three harmless stages per run; the second fails for the run with run.seed 1."""
+def _fake_run_local(log: Path) -> Any:
+    """A stand-in for the workflow executor: notes each run; the run with run.seed 1 fails."""
 
-    def commands(run_id: str, store_url: str) -> list[list[str]]:
-        store = open_store(store_url)
-        seed = yaml.safe_load(store.get_text(layout.spec_key(run_id)))["run"]["seed"]
-        note = f"import pathlib; pathlib.Path({str(log)!r}).open('a').write({{!r}} + '\\n')"
-        return [
-            [sys.executable, "-c", note.format(f"{run_id} first")],
-            [
-                sys.executable,
-                "-c",
-                f"import sys; print('stage out'); sys.exit({3 if seed == 1 else 0})",
-            ],
-            [sys.executable, "-c", note.format(f"{run_id} last")],
-        ]
+    def run_local(run_id: str, store_url: str) -> int:
+        spec = yaml.safe_load(open_store(store_url).get_text(layout.spec_key(run_id)))
+        seed = spec["run"]["seed"]
+        with log.open("a") as out:
+            out.write(f"{run_id}\n")
+        return 1 if seed == 1 else 0
 
-    return commands
+    return run_local
 
 
 def test_local_runs_every_run_in_order_past_a_failure(tmp_path, monkeypatch, capfd):
     log = tmp_path / "log.txt"
-    monkeypatch.setattr(sweep, "local_stage_commands", _fake_stages(log))
+    monkeypatch.setattr(sweep, "run_local", _fake_run_local(log))
     sweep_file = tmp_path / "s.yaml"
     sweep_file.write_text("name: local\nparameters: {run.seed: [0, 1, 2]}\n")
     store_dir = str(tmp_path / "store")
     code = cli.main(["sweep", str(TINY), str(sweep_file), "--store", store_dir, "--local"])
     out, err = capfd.readouterr()
     assert code == 1
-    run_ids = out.split()  # only run ids: the stages' own stdout went to stderr
+    run_ids = out.split()  # only run ids
     assert len(run_ids) == 3
-    assert log.read_text().splitlines() == [
-        f"{run_ids[0]} first",
-        f"{run_ids[0]} last",
-        f"{run_ids[1]} first",  # its second stage failed: no third
-        f"{run_ids[2]} first",
-        f"{run_ids[2]} last",
-    ]
-    assert err.splitlines().count("stage out") == 3
+    assert log.read_text().splitlines() == run_ids
     table = {line.split()[0]: line for line in err.splitlines() if line.startswith("tiny-cpu-")}
     assert "succeeded" in table[run_ids[0]] and "succeeded" in table[run_ids[2]]
-    assert "failed (exit 3)" in table[run_ids[1]]
+    assert "failed" in table[run_ids[1]]
     assert "1 of 3 runs failed" in err
 
 
-def test_local_exits_zero_when_every_run_succeeds(tmp_path, monkeypatch, capfd):
-    monkeypatch.setattr(
-        sweep, "local_stage_commands", lambda run_id, store_url: [[sys.executable, "-c", ""]]
-    )
+def test_run_local_runs_the_compiled_workflow(tmp_path, monkeypatch, capfd):
+    """The sweep's local path is the workflow executor: a failing first stage is reported."""
+    store_dir = str(tmp_path / "store")
     sweep_file = tmp_path / "s.yaml"
-    sweep_file.write_text("name: ok\nparameters: {run.seed: [0, 1]}\n")
-    code = cli.main(["sweep", str(TINY), str(sweep_file), "--store", str(tmp_path), "--local"])
+    sweep_file.write_text("name: exec\nparameters: {run.seed: [0]}\n")
+    seen: list[list[str]] = []
+    from workflows import local
+
+    real = local.run_workflow
+
+    def spy(workflow: Any, **kwargs: Any) -> Any:
+        for template in workflow["spec"]["templates"]:
+            if "container" in template:
+                seen.append(template["container"]["command"])
+                # Every stage fails at once, so no real training runs.
+                template["container"]["command"] = ["python", "-c", "import sys; sys.exit(4)"]
+        return real(workflow, **kwargs)
+
+    monkeypatch.setattr(local, "run_workflow", spy)
+    code = cli.main(["sweep", str(TINY), str(sweep_file), "--store", store_dir, "--local"])
     _, err = capfd.readouterr()
-    assert code == 0 and err.count("succeeded") == 2
-
-
-def test_run_local_reports_a_missing_program(monkeypatch, capfd):
-    monkeypatch.setattr(sweep, "local_stage_commands", lambda run_id, store_url: [["/no/such"]])
-    assert sweep.run_local("r", "store") == 127
-    assert "r: cannot start /no/such" in capfd.readouterr().err
-
-
-def test_local_stage_commands_run_the_trainer():
-    assert sweep.local_stage_commands("r-1", "s3://b/p") == [
-        [sys.executable, "-m", "services.trainer", "--run", "r-1", "--store", "s3://b/p"]
-    ]
+    assert code == 1
+    assert ["python", "-m", "services.trainer"] in seen
+    assert "pipeline.train failed: exit code 4" in err

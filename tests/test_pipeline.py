@@ -1,0 +1,217 @@
+"""The Argo graph: schema-valid for every module and profile, stable, GPU placement exact.
+
+Golden files live in tests/golden/workflows/; after an intended change, regenerate them
+with `DRIFTLAB_UPDATE_GOLDEN=1 pytest tests/test_pipeline.py` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from shared.spec import apply_overrides, load_spec
+from workflows.pipeline import (
+    GPU_RESOURCE,
+    GPU_STAGES,
+    STAGE_TASKS,
+    WorkflowError,
+    build_sweep_workflow,
+    build_workflow,
+    compiled,
+    sae_layers,
+)
+from workflows.submit import load_builder
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGO = ROOT.parent / "shared" / "data" / "argo-workflows-v4.1.2"
+GOLDEN = Path(__file__).parent / "golden" / "workflows"
+MODULES = ("tiny_cpu", "gpt2_small", "gpt2_medium", "grokking", "sweep")
+TINY = ROOT / "configs" / "tiny-cpu.yaml"
+_RUN_STAMP = re.compile(r"-\d{8}-\d{6}-[0-9a-f]{6}")
+
+
+def _argo_file(name: str) -> Path:
+    path = ARGO / name
+    if not path.is_file():
+        pytest.fail(
+            f"reference data not found at {path}: the tests read ../shared/data beside the checkout"
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def schema_validator() -> Any:
+    schema = json.loads(_argo_file("schema.json").read_text())
+    workflow = {**schema, "$ref": "#/definitions/io.argoproj.workflow.v1alpha1.Workflow"}
+    workflow.pop("oneOf", None)
+    workflow.pop("type", None)
+    return jsonschema.Draft202012Validator(workflow)
+
+
+@pytest.fixture(scope="module")
+def crd_validator() -> Any:
+    crd = yaml.safe_load(_argo_file("crd-workflows.yaml").read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    return jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
+
+
+@pytest.fixture(autouse=True)
+def _default_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DRIFTLAB_REGISTRY", "DRIFTLAB_IMAGE_TAG", "DRIFTLAB_STORE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _manifest(module: str, profile: str) -> dict[str, Any]:
+    build = load_builder(str(ROOT / "workflows" / f"{module}.py"))
+    return compiled(build(profile).workflow)  # type: ignore[arg-type]
+
+
+def _errors(validator: Any, manifest: dict[str, Any]) -> list[str]:
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(manifest)]
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+@pytest.mark.parametrize("module", MODULES)
+def test_every_module_is_valid_and_matches_its_golden_file(
+    module: str, profile: str, schema_validator: Any, crd_validator: Any
+) -> None:
+    manifest = _manifest(module, profile)
+    assert _errors(schema_validator, manifest) == []
+    assert _errors(crd_validator, manifest) == []
+    text = _RUN_STAMP.sub("-RUNSTAMP", yaml.safe_dump(manifest, sort_keys=False))
+    golden = GOLDEN / f"{module}-{profile}.yaml"
+    if os.environ.get("DRIFTLAB_UPDATE_GOLDEN"):
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(text)
+    assert golden.is_file(), f"{golden} is missing: run with DRIFTLAB_UPDATE_GOLDEN=1"
+    assert text == golden.read_text()
+
+
+def test_schema_validation_catches_a_broken_workflow(
+    schema_validator: Any, crd_validator: Any
+) -> None:
+    manifest = _manifest("tiny_cpu", "gpu")
+    manifest["spec"]["templates"][0]["retryStrategy"]["limit"] = [2]
+    manifest["spec"]["podGC"] = "always"
+    assert _errors(schema_validator, manifest)
+    assert _errors(crd_validator, manifest)
+
+
+def _templates(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["name"]: t for t in manifest["spec"]["templates"]}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_gpu_placement_is_exactly_on_the_gpu_stages(module: str) -> None:
+    gpu = _templates(_manifest(module, "gpu"))
+    cpu = _templates(_manifest(module, "cpu"))
+    assert set(GPU_STAGES) == {"train", "extract", "sae-train"}
+    for name in STAGE_TASKS:
+        on_gpu = name in GPU_STAGES
+        limits = gpu[name]["container"]["resources"].get("limits", {})
+        assert (GPU_RESOURCE in limits) is on_gpu, name
+        assert ("nodeSelector" in gpu[name]) is on_gpu, name
+        assert (gpu[name].get("tolerations") or []) == (
+            [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}] if on_gpu else []
+        ), name
+        if on_gpu:
+            assert gpu[name]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        for key in ("nodeSelector", "tolerations"):
+            assert key not in cpu[name], (name, key)
+        text = json.dumps(cpu[name])
+        assert GPU_RESOURCE not in text, name
+        if name != "list-checkpoints":
+            args = cpu[name]["container"]["args"]
+            assert args[args.index("--device") + 1] == "cpu", name
+
+
+def test_templates_carry_the_cluster_contract() -> None:
+    spec = load_spec(TINY)
+    manifest = compiled(build_workflow(spec, "gpu", store="s3://bucket/runs", run_id="tiny-1"))
+    meta = manifest["metadata"]
+    assert meta["name"] == "tiny-1"
+    assert meta["labels"] == {"app.kubernetes.io/name": "driftlab", "driftlab.io/run-id": "tiny-1"}
+    assert manifest["spec"]["podMetadata"]["labels"] == meta["labels"]
+    assert manifest["spec"]["onExit"] == "finish"
+    assert manifest["spec"]["podGC"]["strategy"] and manifest["spec"]["ttlStrategy"]
+    templates = _templates(manifest)
+    for name in (*STAGE_TASKS, "finish"):
+        template = templates[name]
+        container = template["container"]
+        assert container["command"][0] == "python", name  # never the image's entrypoint
+        assert container["args"][:4] == [
+            "--run",
+            "{{workflow.parameters.run}}" if name == "finish" else "{{inputs.parameters.run}}",
+            "--store",
+            "{{workflow.parameters.store}}",
+        ]
+        env = {e["name"]: e for e in container["env"]}
+        for secret in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert set(env[secret]) == {"name", "valueFrom"}  # a reference, never a value
+            assert env[secret]["valueFrom"]["secretKeyRef"]["key"] == secret
+        assert env["DRIFTLAB_S3_ENDPOINT"]["value"] and env["DRIFTLAB_PUSHGATEWAY"]["value"]
+        assert int(template["activeDeadlineSeconds"]) > 0
+        assert int(template["retryStrategy"]["limit"]) == 2
+    for name in STAGE_TASKS:
+        metrics = templates[name]["metrics"]["prometheus"]
+        assert {m["name"] for m in metrics} == {
+            "driftlab_task_duration_seconds",
+            "driftlab_task_total",
+        }
+    assert templates["train"]["retryStrategy"]["backoff"]["factor"] == "2"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in templates["train"]["container"][
+        "volumeMounts"
+    ]
+    assert templates["train"]["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    resources = templates["train"]["container"]["resources"]
+    assert resources["requests"]["cpu"] == spec.resources.train.cpu
+    assert resources["requests"]["memory"] == spec.resources.train.memory
+
+    tasks = {t["name"]: t for t in templates["pipeline"]["dag"]["tasks"]}
+    assert tasks["extract"]["withParam"] == "{{tasks.list-checkpoints.outputs.result}}"
+    assert tasks["sae-train"]["withItems"] == [0, 1, 2]  # tiny: 2 blocks + embeddings
+    assert tasks["evaluate"]["depends"] == "ot && detect"
+    assert tasks["detect"]["depends"] == "sae-train"
+
+
+def test_cpu_profile_caps_requests_but_keeps_memory_limits() -> None:
+    spec = load_spec(ROOT / "configs" / "gpt2-medium.yaml")
+    templates = _templates(compiled(build_workflow(spec, "cpu", store="s3://b", run_id="m-1")))
+    sae = templates["sae-train"]["container"]["resources"]
+    assert sae["requests"] == {"cpu": "1", "memory": "2Gi"}
+    assert sae["limits"] == {"memory": "24Gi"}
+
+
+def test_sae_layers_follow_the_spec() -> None:
+    spec = load_spec(TINY)
+    assert sae_layers(spec) == [0, 1, 2]
+    assert sae_layers(apply_overrides(spec, {"sae.layers": [2, 0]})) == [0, 2]
+    assert sae_layers(apply_overrides(spec, {"model.n_layer": 4})) == [0, 1, 2, 3, 4]
+
+
+def test_sweep_workflow_runs_every_run_with_a_parallelism_limit() -> None:
+    spec = load_spec(TINY)
+    specs = {"a-1": spec, "a-2": apply_overrides(spec, {"run.seed": 3})}
+    manifest = compiled(build_sweep_workflow(specs, "demo", "cpu", store="s3://b", parallelism=1))
+    sweep = _templates(manifest)["sweep"]
+    assert sweep["parallelism"] == 1
+    assert [t["arguments"]["parameters"] for t in sweep["dag"]["tasks"]] == [
+        [{"name": "run", "value": "a-1"}],
+        [{"name": "run", "value": "a-2"}],
+    ]
+    assert _templates(manifest)["finish"]["container"]["args"][:4] == [
+        "--run",
+        "a-1",
+        "--run",
+        "a-2",
+    ]
+    deeper = {**specs, "a-3": apply_overrides(spec, {"model.n_layer": 3})}
+    with pytest.raises(WorkflowError, match="a-3 differs"):
+        build_sweep_workflow(deeper, "demo", "cpu", store="s3://b")

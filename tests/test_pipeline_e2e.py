@@ -1,0 +1,131 @@
+"""The pipeline's integration test: the tiny spec through the real graph, run locally.
+
+`driftlab run` executes the compiled Argo workflow, every stage a real subprocess, once on
+a folder store and once on S3 (moto); then a run killed during extraction is rerun and
+finishes with the stages already done cached. It needs every stage (extract, ot, sae
+train/detect, evaluate) to exist.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared import layout
+from shared.spec import load_spec, model_sizes
+from shared.store import Store, open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+def _driftlab(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def _assert_complete(store: Store, run_id: str) -> None:
+    spec = load_spec(TINY)
+    assert spec.train.steps is not None
+    steps = list(range(0, spec.train.steps + 1, spec.train.checkpoint_every))
+    layers = range(model_sizes(spec).n_layer + 1)
+    keys = [
+        layout.spec_key(run_id),
+        layout.train_done_key(run_id),
+        layout.train_metrics_key(run_id),
+        *(layout.checkpoint_done_key(run_id, s) for s in steps),
+        layout.probe_key(run_id),
+        *(layout.extract_done_key(run_id, s) for s in steps),
+        layout.ot_drift_key(run_id),
+        layout.ot_phases_key(run_id),
+        layout.ot_done_key(run_id),
+        *(layout.sae_done_key(run_id, layer) for layer in layers),
+        *(layout.sae_weights_key(run_id, layer) for layer in layers),
+        layout.detect_scores_key(run_id),
+        layout.detect_done_key(run_id),
+        layout.evaluate_report_json_key(run_id),
+        layout.evaluate_report_html_key(run_id),
+        layout.evaluate_done_key(run_id),
+        layout.status_key(run_id, "workflow"),
+    ]
+    missing = [k for k in keys if not store.exists(k)]
+    assert missing == []
+    assert store.get_json(layout.status_key(run_id, "workflow"))["state"] == "succeeded"
+
+
+def _run_and_check(store_url: str) -> str:
+    done = _driftlab("run", str(TINY), "--store", store_url, "--workers", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    run_id = lines[0]
+    layout.validate_run_id(run_id)
+    for stage in ("train", "list-checkpoints", "extract", "ot", "sae-train", "detect", "evaluate"):
+        assert any(line.split()[0].startswith(stage) for line in lines[1:]), stage
+    assert lines[-1].startswith("report: ") and lines[-1].endswith("evaluate/report.html")
+    _assert_complete(open_store(store_url), run_id)
+    return run_id
+
+
+@pytest.mark.slow
+def test_tiny_spec_end_to_end_on_a_folder_store(tmp_path):
+    _run_and_check(str(tmp_path / "store"))
+
+
+@pytest.mark.slow
+def test_tiny_spec_end_to_end_on_s3(s3_store_url):
+    _run_and_check(s3_store_url)
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_extraction_resumes_with_finished_stages_cached(tmp_path):
+    store_url = str(tmp_path / "store")
+    store = open_store(store_url)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "run",
+            str(TINY),
+            "--store",
+            store_url,
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    run_id = proc.stdout.readline().strip()
+    deadline = time.monotonic() + 480
+    while not store.exists(layout.probe_key(run_id)) and proc.poll() is None:
+        assert time.monotonic() < deadline, "extraction never started"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert not store.exists(layout.evaluate_done_key(run_id))
+
+    rerun = _driftlab("run", str(TINY), "--store", store_url, "--run", run_id)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert store.get_json(layout.status_key(run_id, "train"))["state"] == "cached"
+    _assert_complete(store, run_id)
+    again = _driftlab("run", str(TINY), "--store", store_url, "--run", run_id)
+    assert again.returncode == 0
+    statuses = [store.get_json(k) for k in store.list(layout.status_prefix(run_id))]
+    stage_states = {s["state"] for s in statuses if s.get("stage") != "workflow"}
+    assert stage_states == {"cached"}

@@ -1,0 +1,220 @@
+"""`driftlab run` (the graph here) and `driftlab submit` (the graph on a cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from shared.registry import _add_store_argument
+
+if TYPE_CHECKING:
+    from workflows.local import RunResult
+
+
+def add_workflow_parsers(commands: Any) -> None:
+    run = commands.add_parser(
+        "run",
+        help="run a spec's whole workflow on this machine",
+        description="Register SPEC as a run (or reuse --run) and execute its compiled Argo "
+        "workflow here, each task a subprocess; prints the run id, each stage's time and "
+        "the report's address.",
+    )
+    run.add_argument("spec", metavar="SPEC.yaml", help="run spec")
+    _add_store_argument(run)
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="tasks at a time (default: the number of cores, %(default)s)",
+    )
+    run.add_argument(
+        "--run",
+        metavar="RUN_ID",
+        help="rerun this run id (same spec): finished stages are cached",
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    submit = commands.add_parser(
+        "submit",
+        help="submit a workflow module or a spec to Argo",
+        description="Build the workflow of WORKFLOW.py (its build function) or SPEC.yaml, "
+        "register its runs in the store, and submit it.",
+    )
+    submit.add_argument("target", metavar="WORKFLOW.py|SPEC.yaml")
+    submit.add_argument(
+        "--argo-server",
+        default=os.environ.get("ARGO_SERVER", ""),
+        help="Argo server URL (default $ARGO_SERVER)",
+    )
+    submit.add_argument(
+        "--token",
+        default=os.environ.get("ARGO_TOKEN"),
+        help="Argo bearer token (default $ARGO_TOKEN)",
+    )
+    submit.add_argument("--namespace", default=os.environ.get("ARGO_NAMESPACE", "driftlab"))
+    submit.add_argument("--via", choices=("argo", "kubernetes"), default="argo")
+    submit.add_argument(
+        "--profile",
+        choices=("auto", "gpu", "cpu"),
+        default="auto",
+        help="auto: gpu when a node has allocatable nvidia.com/gpu, else cpu",
+    )
+    submit.add_argument(
+        "--store",
+        default=None,
+        help="store URL the pods use (default $DRIFTLAB_STORE or s3://driftlab)",
+    )
+    submit.add_argument("--wait", action="store_true", help="follow the tasks until done")
+    submit.add_argument(
+        "--dry-run", action="store_true", help="print the workflow YAML; contact nothing"
+    )
+    submit.set_defaults(handler=_cmd_submit)
+
+
+def run_registered(run_id: str, store_url: str, workers: int | None = None) -> RunResult:
+    """Execute the compiled cpu-profile workflow of a registered run here.
+
+    The spec is read back from the store, so the graph is built from what the stages read.
+    Task states go to stderr: a live table in a terminal, one line per change otherwise.
+    """
+    from shared.stage import load_run_spec
+    from shared.store import open_store
+    from workflows.local import LineReporter, LiveTable, run_workflow
+    from workflows.pipeline import Cluster, build_workflow, compiled
+
+    store_url = _absolute(store_url)
+    spec = load_run_spec(open_store(store_url), run_id)
+    workflow = build_workflow(spec, "cpu", store=store_url, run_id=run_id, cluster=Cluster.local())
+    live = LiveTable(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        return run_workflow(
+            compiled(workflow), workers=workers, reporter=live or LineReporter(sys.stderr)
+        )
+    finally:
+        if live:
+            live.close()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from shared import layout
+    from shared.registry import create_run
+    from shared.spec import load_spec
+    from shared.store import open_store
+    from workflows.local import LocalRunError
+
+    if args.workers < 1:
+        raise LocalRunError(f"--workers must be at least 1, got {args.workers}")
+    spec = load_spec(args.spec)
+    store = open_store(_absolute(args.store))
+    run_id = create_run(store, spec, args.run)
+    print(run_id, flush=True)
+    start = time.monotonic()
+    result = run_registered(run_id, args.store, args.workers)
+    sys.stdout.write(_timings(result.nodes))
+    print(f"total {time.monotonic() - start:.1f}s", flush=True)
+    if not result.ok:
+        failed = result.failed
+        if failed is not None:
+            print(f"{failed.name} {failed.state.lower()}: {failed.message}", file=sys.stderr)
+            tail = failed.log_tail()
+            if tail:
+                print(f"--- last lines of its log ({failed.log}) ---\n{tail}", file=sys.stderr)
+        print(
+            f"run {run_id} failed; logs in {result.log_dir}; rerun with "
+            f"`driftlab run {args.spec} --run {run_id} --store {args.store}` "
+            "(finished stages are cached)",
+            file=sys.stderr,
+        )
+        return 1
+    shutil.rmtree(result.log_dir, ignore_errors=True)
+    print(f"report: {store.url_of(layout.evaluate_report_html_key(run_id))}")
+    return 0
+
+
+def _absolute(url: str) -> str:
+    """Tasks may run elsewhere than here: a relative folder store becomes absolute."""
+    if "://" in url:
+        return url
+    return os.path.abspath(url)
+
+
+def _timings(nodes: list[Any]) -> str:
+    """One line per stage: tasks, state and wall time from the first start to the last end."""
+    from workflows.local import SUCCEEDED
+
+    stages: dict[str, list[Any]] = {}
+    for node in nodes:
+        if node.kind == "container" and node.started is not None:
+            stages.setdefault(node.template, []).append(node)
+    lines = []
+    for name, group in stages.items():
+        wall = max(n.ended or n.started for n in group) - min(n.started for n in group)
+        states = {n.state for n in group}
+        state = (
+            "succeeded" if states == {SUCCEEDED} else "/".join(sorted(s.lower() for s in states))
+        )
+        count = f" x{len(group)}" if len(group) > 1 else ""
+        lines.append(f"{name + count:<22} {state:<12} {wall:8.1f}s\n")
+    return "".join(lines)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    import yaml
+
+    from shared.registry import create_run
+    from shared.store import open_store
+    from workflows.pipeline import Cluster, Images, compiled
+    from workflows.submit import (
+        SubmitError,
+        choose_profile,
+        follow,
+        list_nodes,
+        load_builder,
+        phase_reader,
+        submit_argo,
+        submit_kubernetes,
+    )
+
+    build = load_builder(args.target)
+    profile = args.profile
+    if profile == "auto":
+        if args.dry_run:
+            profile = "gpu"
+            print("dry run: --profile auto renders the gpu profile", file=sys.stderr)
+        else:
+            profile, why = choose_profile(list_nodes())
+            print(why, file=sys.stderr)
+    cluster = Cluster(namespace=args.namespace)
+    submission = build(profile, store=args.store, images=Images.from_environment(), cluster=cluster)
+    manifest = compiled(submission.workflow)
+    if args.dry_run:
+        sys.stdout.write(yaml.safe_dump(manifest, sort_keys=False))
+        return 0
+    if args.via == "argo" and not args.argo_server:
+        raise SubmitError(
+            "no Argo server: pass --argo-server URL or set $ARGO_SERVER (or use --via kubernetes)"
+        )
+    store_url = manifest["spec"]["arguments"]["parameters"][-1]["value"]
+    store = open_store(store_url)
+    for run_id, spec in submission.specs.items():
+        create_run(store, spec, run_id)
+    if args.via == "argo":
+        name = submit_argo(manifest, args.argo_server, args.token, args.namespace)
+        where = f"{args.argo_server.rstrip('/')}/workflows/{args.namespace}/{name}"
+    else:
+        name = submit_kubernetes(manifest, args.namespace)
+        where = (
+            f"`argo get -n {args.namespace} {name}` (Argo UI: /workflows/{args.namespace}/{name})"
+        )
+    print(name, flush=True)
+    print(f"submitted {name} ({profile} profile, store {store_url}): {where}", file=sys.stderr)
+    if not args.wait:
+        return 0
+    phase = follow(name, phase_reader(args.via, args.argo_server, args.token, args.namespace))
+    print(f"{name} {phase.lower()}", file=sys.stderr)
+    return 0 if phase == "Succeeded" else 1

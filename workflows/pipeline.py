@@ -1,0 +1,465 @@
+"""The one Argo graph of a run, built with Hera from a run spec and a profile.
+
+Everything the cluster needs to know about a stage is its command line: this module knows
+Argo (templates, retries, selectors, metrics) and nothing of the science. `driftlab run`
+executes the very workflow built here (workflows/local.py), so a local run proves the
+commands Argo will run; only images, selectors and resources are ignored there.
+
+Graph::
+
+    train -> list-checkpoints -> extract (one task per checkpoint, withParam)
+          -> ot, and sae-train (one task per layer, withItems)
+          -> detect -> evaluate            (onExit: record the outcome, clear Pushgateway)
+
+Profiles: `gpu` puts train, extract and sae-train on GPU nodes (node selector, the
+`nvidia.com/gpu` toleration and GPU limits) and lets every stage pick its device; `cpu` is
+the fallback for clusters (and laptops) without GPUs: no selector, toleration or GPU
+limit, `--device cpu` everywhere, and requests capped so a kind cluster can schedule them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from hera.workflows import (
+    DAG,
+    Container,
+    Counter,
+    EmptyDirVolume,
+    Env,
+    Gauge,
+    Label,
+    Parameter,
+    Resources,
+    RetryStrategy,
+    SecretEnv,
+    Task,
+    Workflow,
+)
+from hera.workflows.models import Backoff, IntOrString, Metadata, PodGC, Toleration, TTLStrategy
+
+from shared import layout
+from shared.errors import DriftlabError
+from shared.spec import RunSpec, model_sizes
+
+Profile = Literal["gpu", "cpu"]
+PROFILES: tuple[str, ...] = get_args(Profile)
+
+APP_LABEL = "app.kubernetes.io/name"
+RUN_LABEL = "driftlab.io/run-id"
+SWEEP_LABEL = "driftlab.io/sweep"
+GPU_RESOURCE = "nvidia.com/gpu"
+DEFAULT_GPU_NODE_SELECTOR: Mapping[str, str] = {"nvidia.com/gpu.present": "true"}
+# Laptop-sized ceilings of the cpu profile's requests; limits keep the spec's memory, so a
+# pod may still grow to what the spec asks for when the node has it.
+CPU_PROFILE_MAX_CPU = "1"
+CPU_PROFILE_MAX_MEMORY = "2Gi"
+RETRY_LIMIT = 2
+ENTRYPOINT = "pipeline"
+EXIT_HANDLER = "finish"
+
+
+class WorkflowError(DriftlabError):
+    """A workflow that cannot be built from what it was given."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Images:
+    """Where the stage images live: `<registry>/driftlab-<service>:<tag>`."""
+
+    registry: str = "driftlab"
+    tag: str = "latest"
+    pull_policy: str = "IfNotPresent"
+
+    @classmethod
+    def from_environment(cls) -> Images:
+        """`$DRIFTLAB_REGISTRY` and `$DRIFTLAB_IMAGE_TAG` override the defaults."""
+        return cls(
+            registry=os.environ.get("DRIFTLAB_REGISTRY", cls.registry),
+            tag=os.environ.get("DRIFTLAB_IMAGE_TAG", cls.tag),
+        )
+
+    def image(self, service: str) -> str:
+        return f"{self.registry.rstrip('/')}/driftlab-{service}:{self.tag}"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What pods are told about the cluster: services, the credentials' Secret, GPU nodes.
+
+    An empty `s3_endpoint` or `pushgateway` leaves the variable out of the pods (a local
+    run on a folder store, no Pushgateway). Credentials only ever travel as secretKeyRef.
+    """
+
+    namespace: str = "driftlab"
+    service_account: str = "driftlab-workflow"
+    s3_endpoint: str = "http://minio:9000"
+    s3_secret: str = "driftlab-s3"
+    pushgateway: str = "http://pushgateway:9091"
+    gpu_node_selector: Mapping[str, str] = field(
+        default_factory=lambda: dict(DEFAULT_GPU_NODE_SELECTOR)
+    )
+
+    @classmethod
+    def local(cls) -> Cluster:
+        """This machine: the S3 endpoint and Pushgateway of the current environment."""
+        return cls(
+            s3_endpoint=os.environ.get("DRIFTLAB_S3_ENDPOINT", ""),
+            pushgateway=os.environ.get("DRIFTLAB_PUSHGATEWAY", ""),
+        )
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One container template: the command line of a stage and how its pods are placed."""
+
+    name: str  # template and task name, as the Argo UI shows it
+    service: str  # image driftlab-<service>
+    command: tuple[str, ...]
+    resources: str | None  # section of spec.resources; None: a few seconds of bookkeeping
+    gpu: bool  # on GPU nodes in the gpu profile
+    deadline_s: int
+    shard: str | None = None  # input parameter and CLI option of a fan-out stage
+
+
+_HOUR = 3600
+# The checkpoint listing and the exit handler only read and write a few small objects,
+# so they run in the trainer's image (it has the driftlab package, like every image).
+_STAGES: tuple[_Stage, ...] = (
+    _Stage("train", "trainer", ("python", "-m", "services.trainer"), "train", True, 48 * _HOUR),
+    _Stage(
+        "list-checkpoints",
+        "trainer",
+        ("python", "-m", "shared.cli", "checkpoints"),
+        None,
+        False,
+        600,
+    ),
+    _Stage(
+        "extract",
+        "extractor",
+        ("python", "-m", "services.extractor"),
+        "extract",
+        True,
+        6 * _HOUR,
+        shard="step",
+    ),
+    _Stage("ot", "ot", ("python", "-m", "services.ot"), "ot", False, 12 * _HOUR),
+    _Stage(
+        "sae-train",
+        "sae",
+        ("python", "-m", "services.sae", "train"),
+        "sae",
+        True,
+        24 * _HOUR,
+        shard="layer",
+    ),
+    _Stage(
+        "detect", "sae", ("python", "-m", "services.sae", "detect"), "detect", False, 12 * _HOUR
+    ),
+    _Stage(
+        "evaluate",
+        "evaluator",
+        ("python", "-m", "services.evaluator"),
+        "evaluate",
+        False,
+        6 * _HOUR,
+    ),
+)
+_FINISH = _Stage(
+    EXIT_HANDLER, "trainer", ("python", "-m", "shared.cli", "finish"), None, False, 600
+)
+GPU_STAGES = tuple(s.name for s in _STAGES if s.gpu)
+STAGE_TASKS = tuple(s.name for s in _STAGES)
+
+
+def sae_layers(spec: RunSpec) -> list[int]:
+    """Hidden-state layers 0..n_layer (0 = embeddings) selected by `sae.layers`.
+
+    The spec has already checked that a listed layer exists in the model.
+    """
+    chosen = spec.sae.layers
+    return list(range(model_sizes(spec).n_layer + 1)) if chosen == "all" else list(chosen)
+
+
+def build_workflow(
+    spec: RunSpec,
+    profile: Profile,
+    *,
+    images: Images | None = None,
+    store: str,
+    run_id: str | None = None,
+    cluster: Cluster | None = None,
+) -> Workflow:
+    """The workflow of one run; `run_id` defaults to a fresh id from `run.name`.
+
+    The workflow is named after the run, so one run is one workflow and the Argo UI, the
+    store and `driftlab runs` all say the same name.
+    """
+    run_id = layout.validate_run_id(run_id or layout.new_run_id(spec.run.name))
+    images = images or Images()
+    cluster = cluster or Cluster()
+    labels = {APP_LABEL: "driftlab", RUN_LABEL: run_id}
+    with _workflow_shell(run_id, store, labels, cluster) as workflow:
+        templates = _container_templates(spec, profile, images, cluster)
+        _pipeline_dag(ENTRYPOINT, templates, sae_layers(spec))
+        _finish_template(["{{workflow.parameters.run}}"], images, cluster)
+    workflow.arguments = [Parameter(name="run", value=run_id), Parameter(name="store", value=store)]
+    return workflow
+
+
+def build_sweep_workflow(
+    specs: Mapping[str, RunSpec],
+    sweep_name: str,
+    profile: Profile,
+    *,
+    images: Images | None = None,
+    store: str,
+    parallelism: int = 2,
+    cluster: Cluster | None = None,
+) -> Workflow:
+    """One pipeline per registered run of a sweep, at most `parallelism` at a time.
+
+    Every run goes through the same templates, so the points must share the graph's
+    shape (SAE layers, resources); a sweep over model depth is submitted point by point.
+    """
+    if not specs:
+        raise WorkflowError(f"sweep {sweep_name} has no runs")
+    if parallelism < 1:
+        raise WorkflowError(f"sweep parallelism must be at least 1, got {parallelism}")
+    run_ids = [layout.validate_run_id(r) for r in specs]
+    first = next(iter(specs.values()))
+    shape = (sae_layers(first), first.resources)
+    for run_id, spec in specs.items():
+        if (sae_layers(spec), spec.resources) != shape:
+            raise WorkflowError(
+                f"sweep {sweep_name}: run {run_id} differs from {run_ids[0]} in its SAE layers "
+                "or resources; one sweep workflow runs one graph, so submit such points "
+                "one by one (driftlab submit SPEC.yaml)"
+            )
+    images = images or Images()
+    cluster = cluster or Cluster()
+    name = layout.validate_run_id(f"sweep-{sweep_name}"[: layout.MAX_RUN_ID].rstrip("-"))
+    labels = {APP_LABEL: "driftlab", SWEEP_LABEL: sweep_name}
+    with _workflow_shell(name, store, labels, cluster, entrypoint="sweep") as workflow:
+        templates = _container_templates(first, profile, images, cluster)
+        pipeline = _pipeline_dag(ENTRYPOINT, templates, shape[0])
+        with DAG(name="sweep", parallelism=parallelism):
+            for run_id in run_ids:
+                Task(name=run_id, template=pipeline, arguments={"run": run_id})
+        _finish_template(run_ids, images, cluster)
+    workflow.arguments = [Parameter(name="store", value=store)]
+    return workflow
+
+
+def _workflow_shell(
+    name: str,
+    store: str,
+    labels: Mapping[str, str],
+    cluster: Cluster,
+    entrypoint: str = ENTRYPOINT,
+) -> Workflow:
+    return Workflow(
+        name=name,
+        namespace=cluster.namespace,
+        labels=dict(labels),
+        entrypoint=entrypoint,
+        on_exit=EXIT_HANDLER,
+        service_account_name=cluster.service_account,
+        pod_metadata=Metadata(labels=dict(labels)),
+        pod_gc=PodGC(strategy="OnPodSuccess"),  # failed pods stay for their logs
+        ttl_strategy=TTLStrategy(
+            seconds_after_success=2 * 24 * _HOUR, seconds_after_failure=7 * 24 * _HOUR
+        ),
+    )
+
+
+def _container_templates(
+    spec: RunSpec, profile: Profile, images: Images, cluster: Cluster
+) -> dict[str, Container]:
+    if profile not in PROFILES:
+        raise WorkflowError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}")
+    return {s.name: _container(s, spec, profile, images, cluster) for s in _STAGES}
+
+
+def _container(
+    stage: _Stage, spec: RunSpec, profile: Profile, images: Images, cluster: Cluster
+) -> Container:
+    on_gpu = profile == "gpu" and stage.gpu
+    args = ["--run", "{{inputs.parameters.run}}", "--store", "{{workflow.parameters.store}}"]
+    inputs = [Parameter(name="run")]
+    if stage.name != "list-checkpoints":  # it only prints the steps: no device
+        args += ["--device", "cpu" if profile == "cpu" else "auto"]
+    if stage.shard:
+        args += [f"--{stage.shard}", f"{{{{inputs.parameters.{stage.shard}}}}}"]
+        inputs.append(Parameter(name=stage.shard))
+    volumes = (
+        [EmptyDirVolume(name="dshm", mount_path="/dev/shm", medium="Memory")]
+        if stage.name == "train"
+        else None
+    )
+    return Container(
+        name=stage.name,
+        image=images.image(stage.service),
+        image_pull_policy=images.pull_policy,
+        command=list(stage.command),
+        args=args,
+        inputs=inputs,
+        env=_env(cluster),
+        resources=_resources(stage, spec, profile),
+        node_selector=dict(cluster.gpu_node_selector) if on_gpu else None,
+        tolerations=(
+            [Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
+            if on_gpu
+            else None
+        ),
+        volumes=volumes,
+        active_deadline_seconds=_int_or_string(stage.deadline_s),
+        retry_strategy=RetryStrategy(
+            limit=_int_or_string(RETRY_LIMIT),
+            # OnError: pod-level errors (eviction, node loss, deleted pod), transient errors
+            # among them; a stage that exits non-zero on bad input is not retried.
+            retry_policy="OnError",
+            backoff=Backoff(
+                duration="30s", factor=IntOrString(_int_or_string(2)), max_duration="10m"
+            ),
+        ),
+        metrics=_stage_metrics(stage.name),
+    )
+
+
+def _finish_template(runs: Sequence[str], images: Images, cluster: Cluster) -> Container:
+    """The onExit handler: Argo calls it without arguments, so the runs are spelled out."""
+    args = [arg for run in runs for arg in ("--run", run)]
+    args += ["--store", "{{workflow.parameters.store}}", "--status", "{{workflow.status}}"]
+    return Container(
+        name=EXIT_HANDLER,
+        image=images.image(_FINISH.service),
+        image_pull_policy=images.pull_policy,
+        command=list(_FINISH.command),
+        args=args,
+        env=_env(cluster),
+        resources=_resources(_FINISH, RunSpec(), "cpu"),
+        active_deadline_seconds=_int_or_string(_FINISH.deadline_s),
+        retry_strategy=RetryStrategy(limit=_int_or_string(RETRY_LIMIT), retry_policy="OnError"),
+    )
+
+
+def _int_or_string(value: int) -> str:
+    """Argo's JSON Schema types IntOrString as a string (the CRD takes either): a string
+    is valid under both, and Argo reads it as the number."""
+    return str(value)
+
+
+def _env(cluster: Cluster) -> list[Env | SecretEnv]:
+    env: list[Env | SecretEnv] = [Env(name="PYTHONUNBUFFERED", value="1")]
+    if cluster.s3_endpoint:
+        env.append(Env(name="DRIFTLAB_S3_ENDPOINT", value=cluster.s3_endpoint))
+    env += [
+        SecretEnv(name=key, secret_name=cluster.s3_secret, secret_key=key, optional=True)
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    ]
+    if cluster.pushgateway:
+        env.append(Env(name="DRIFTLAB_PUSHGATEWAY", value=cluster.pushgateway))
+    return env
+
+
+def _resources(stage: _Stage, spec: RunSpec, profile: Profile) -> Resources:
+    if stage.resources is None:
+        return Resources(cpu_request="100m", memory_request="256Mi", memory_limit="1Gi")
+    wanted = spec.resources.for_stage(stage.resources)
+    cpu, memory = wanted.cpu, wanted.memory
+    if profile == "cpu":
+        cpu = min(cpu, CPU_PROFILE_MAX_CPU, key=quantity_value)
+        memory = min(memory, CPU_PROFILE_MAX_MEMORY, key=quantity_value)
+    gpus = max(wanted.gpus, 1) if profile == "gpu" and stage.gpu else None
+    return Resources(cpu_request=cpu, memory_request=memory, memory_limit=wanted.memory, gpus=gpus)
+
+
+_SUFFIXES = {
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2.0**10,
+    "Mi": 2.0**20,
+    "Gi": 2.0**30,
+    "Ti": 2.0**40,
+    "Pi": 2.0**50,
+    "Ei": 2.0**60,
+}
+
+
+def quantity_value(quantity: str) -> float:
+    """A Kubernetes quantity as a number ("500m" -> 0.5, "2Gi" -> 2147483648)."""
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * _SUFFIXES[suffix]
+    return float(quantity)
+
+
+def _stage_metrics(stage: str) -> list[Gauge | Counter]:
+    """Argo's own per-stage metrics (the controller prefixes them with argo_workflows_)."""
+    labels = [Label(key="stage", value=stage), Label(key="status", value="{{status}}")]
+    return [
+        Gauge(
+            name="driftlab_task_duration_seconds",
+            help="Duration of a driftlab task, by stage and final status",
+            labels=labels,
+            realtime=False,
+            value="{{duration}}",
+        ),
+        Counter(
+            name="driftlab_task_total",
+            help="driftlab tasks that ended, by stage and final status",
+            labels=labels,
+            value="1",
+        ),
+    ]
+
+
+def _pipeline_dag(name: str, templates: Mapping[str, Container], layers: Sequence[int]) -> DAG:
+    """The stage DAG of one run; its input `run` is passed to every task."""
+    run = {"run": "{{inputs.parameters.run}}"}
+    with DAG(name=name, inputs=[Parameter(name="run")]) as dag:
+        train = Task(name="train", template=templates["train"], arguments=run)
+        listing = Task(
+            name="list-checkpoints", template=templates["list-checkpoints"], arguments=run
+        )
+        extract = Task(
+            name="extract",
+            template=templates["extract"],
+            arguments={**run, "step": "{{item}}"},
+            with_param="{{tasks.list-checkpoints.outputs.result}}",
+        )
+        ot = Task(name="ot", template=templates["ot"], arguments=run)
+        sae = Task(
+            name="sae-train",
+            template=templates["sae-train"],
+            arguments={**run, "layer": "{{item}}"},
+            with_items=list(layers),
+        )
+        detect = Task(name="detect", template=templates["detect"], arguments=run)
+        evaluate = Task(name="evaluate", template=templates["evaluate"], arguments=run)
+        train >> listing
+        listing >> extract
+        extract >> [ot, sae]
+        sae >> detect
+        ot >> evaluate
+        detect >> evaluate
+    return dag
+
+
+def compiled(workflow: Workflow) -> dict[str, Any]:
+    """The manifest Argo receives (what `hera generate yaml` writes), as plain data."""
+    data: dict[str, Any] = json.loads(json.dumps(workflow.to_dict()))
+    return data

@@ -1,0 +1,19 @@
+"""A sweep on the cluster: one pipeline per run of `driftlab sweep`'s expansion.
+
+The lr x seed grid of configs/sweeps/lr-seeds.yaml over configs/tiny-cpu.yaml, at most
+DEFAULT_SWEEP_PARALLELISM runs at a time; copy this module for another base or sweep.
+
+    driftlab submit workflows/sweep.py [--profile auto|gpu|cpu] [--wait]   # or: python workflows/sweep.py
+    hera generate yaml workflows/sweep.py
+"""
+
+import sys
+
+from workflows.pipeline import Images
+from workflows.submission import cluster_store, script_main, sweep_builder
+
+build = sweep_builder("tiny-cpu.yaml", "lr-seeds.yaml")
+workflow = build("gpu", store=cluster_store(), images=Images.from_environment()).workflow
+
+if __name__ == "__main__":
+    sys.exit(script_main(build)())
