@@ -1,0 +1,1 @@
+"""Deployment tooling: the helm binary, the chart's generated WorkflowTemplates."""
