@@ -1,0 +1,1 @@
+"""The evaluator: detection metrics, training phases, the run's report and comparisons."""

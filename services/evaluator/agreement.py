@@ -1,0 +1,107 @@
+"""Do the three views of a training phase agree: HMM states, OT drift and eval accuracy?
+
+Each source gives the steps at which it sees a phase boundary. They are compared on the
+checkpoint axis, not in raw steps: checkpoints are what every source was measured at, and
+"within k checkpoints" (`evaluate.phase_tolerance`) means the same thing whether a run
+checkpoints every 10 steps or every 1000.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+#: An accuracy step counts as a jump when it is at least this share of the largest step...
+JUMP_SHARE = 0.5
+#: ...and at least this many accuracy points (so noise on a flat curve is no jump).
+MIN_JUMP = 0.05
+
+
+def accuracy_jumps(steps: Sequence[int], accuracy: Sequence[float]) -> list[int]:
+    """Checkpoints at which eval accuracy moves by a large share of its biggest move.
+
+    Each interval is reported at its end (the first checkpoint showing the change), as the
+    OT stage reports its intervals, so the two line up without an off-by-one.
+    """
+    if len(accuracy) < 2:
+        return []
+    change = np.abs(np.diff(np.asarray(accuracy, dtype=np.float64)))
+    largest = float(change.max())
+    if largest < MIN_JUMP:
+        return []
+    keep = np.flatnonzero(change >= max(JUMP_SHARE * largest, MIN_JUMP))
+    return [int(steps[int(i) + 1]) for i in keep]
+
+
+def ot_change_points(phases: Mapping[str, Any]) -> list[int]:
+    """Change points of the mean-over-layers drift curve of `ot/phases.json`."""
+    if phases.get("depth_only"):
+        return []
+    mean = phases.get("curves", {}).get("mean", {})
+    return sorted({int(item["step"]) for item in mean.get("change_points", [])})
+
+
+def checkpoint_index(checkpoints: Sequence[int], step: int) -> int:
+    """Index of the checkpoint nearest to `step` (ties to the earlier one)."""
+    i = bisect.bisect_left(checkpoints, step)
+    if i == 0:
+        return 0
+    if i == len(checkpoints):
+        return len(checkpoints) - 1
+    return i if checkpoints[i] - step < step - checkpoints[i - 1] else i - 1
+
+
+def pair_agreement(
+    checkpoints: Sequence[int], a: Sequence[int], b: Sequence[int], tolerance: int
+) -> dict[str, Any]:
+    """Which boundaries of `a` have one of `b` within `tolerance` checkpoints, and back.
+
+    `agreement` is the share of all boundaries (of both) that found a partner: 1 when the
+    two sources see the same phases, 0 when none line up, None when neither sees any.
+    """
+    ia = [checkpoint_index(checkpoints, s) for s in a]
+    ib = [checkpoint_index(checkpoints, s) for s in b]
+    matches = [
+        {"a": sa, "b": sb, "offset_checkpoints": jb - ja}
+        for (sa, ja), (sb, jb) in itertools.product(
+            zip(a, ia, strict=True), zip(b, ib, strict=True)
+        )
+        if abs(jb - ja) <= tolerance
+    ]
+    a_hit = sum(1 for ja in ia if any(abs(jb - ja) <= tolerance for jb in ib))
+    b_hit = sum(1 for jb in ib if any(abs(jb - ja) <= tolerance for ja in ia))
+    total = len(a) + len(b)
+    return {
+        "n_a": len(a),
+        "n_b": len(b),
+        "a_matched": a_hit,
+        "b_matched": b_hit,
+        "agreement": (a_hit + b_hit) / total if total else None,
+        "matches": matches,
+    }
+
+
+def phase_agreement(
+    checkpoints: Sequence[int], sources: Mapping[str, Sequence[int] | None], tolerance: int
+) -> dict[str, Any]:
+    """Every source's boundaries and the agreement of each pair of available sources.
+
+    A source that is None is absent (its stage did not run); it is listed as such and left
+    out of the pairs, while a source that ran and found no boundary takes part.
+    """
+    present = {name: sorted(set(v)) for name, v in sources.items() if v is not None}
+    pairs = [
+        {"a": a, "b": b, **pair_agreement(checkpoints, present[a], present[b], tolerance)}
+        for a, b in itertools.combinations(present, 2)
+    ]
+    return {
+        "tolerance_checkpoints": tolerance,
+        "checkpoints": list(checkpoints),
+        "sources": present,
+        "absent": sorted(name for name, v in sources.items() if v is None),
+        "pairs": pairs,
+    }

@@ -1,0 +1,269 @@
+"""Everything the report says about one run, gathered section by section from the store.
+
+Training is required (the stage's input); every other part is optional. A part whose stage
+has not run, or could not be analysed, becomes an entry of `absent` that says why and what
+to run, so a partial report is still a correct one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.evaluator import agreement
+from services.evaluator.detection import evaluate_detection
+from services.evaluator.explorer import explore
+from shared import layout
+from shared.errors import ArtifactNotFound, DriftlabError
+from shared.spec import RunSpec, model_sizes
+from shared.steps import complete_steps
+from shared.store import Store
+
+OT_PLOTS = ("depth", "time", "step", "drift_vs_eval")
+
+
+@dataclass
+class Report:
+    """report.json's numbers, the figures (PNG bytes / SVG text) and what is absent."""
+
+    run_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, bytes] = field(default_factory=dict)
+    svgs: dict[str, str] = field(default_factory=dict)
+    absent: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": 1, "run_id": self.run_id, **self.data, "absent": self.absent}
+
+
+def _jsonl(store: Store, key: str) -> list[dict[str, Any]]:
+    try:
+        text = store.get_text(key)
+    except ArtifactNotFound:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _png(draw: Callable[[Any], None], size: tuple[float, float] = (6.0, 3.6)) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size, dpi=100)
+    draw(ax)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _command(stage: str, run_id: str, store: Store) -> str:
+    return f"python -m services.{stage} --run {run_id} --store {store.url}"
+
+
+def spec_summary(spec: RunSpec) -> dict[str, Any]:
+    sizes = model_sizes(spec)
+    return {
+        "name": spec.run.name,
+        "seed": spec.run.seed,
+        "tags": list(spec.run.tags),
+        "model": {"arch": spec.model.arch, "init": spec.model.init, **sizes._asdict()},
+        "data": {"dataset": spec.data.dataset, "tokenizer": spec.data.tokenizer},
+        "train": {
+            "steps": spec.train.steps,
+            "batch_size": spec.train.batch_size,
+            "learning_rate": spec.train.learning_rate,
+            "weight_decay": spec.train.weight_decay,
+        },
+        "custom": spec.custom,
+    }
+
+
+def training(report: Report, store: Store, run_id: str) -> list[int]:
+    """Loss curve and per-checkpoint eval metrics; returns the checkpoint steps."""
+    rows = _jsonl(store, layout.train_metrics_key(run_id))
+    checkpoints = complete_steps(store, run_id)
+    evals = {
+        step: store.get_json(layout.checkpoint_dynamics_key(run_id, step)).get("eval", {})
+        for step in checkpoints
+    }
+    names = sorted({k for e in evals.values() for k, v in e.items() if isinstance(v, float)})
+    series = {n: [evals[s].get(n) for s in checkpoints] for n in names}
+    report.data["training"] = {
+        "checkpoints": checkpoints,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "eval": series,
+        "final_eval": {n: v[-1] for n, v in series.items()},
+        "log_rows": len(rows),
+    }
+
+    def draw(ax: Any) -> None:
+        if rows:
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+        if "eval_loss" in series:
+            ax.plot(checkpoints, series["eval_loss"], "o-", label="eval loss")
+        ax.set(xlabel="step", ylabel="loss")
+        if "eval_accuracy" in series:
+            twin = ax.twinx()
+            twin.plot(checkpoints, series["eval_accuracy"], "s--", color="C3", label="accuracy")
+            twin.set(ylabel="eval accuracy", ylim=(-0.02, 1.02))
+        ax.legend(loc="upper right", fontsize=8)
+
+    report.figures["training"] = _png(draw)
+    return checkpoints
+
+
+def dynamics(report: Report, store: Store, run_id: str, spec: RunSpec) -> None:
+    rows = _jsonl(store, layout.train_dynamics_key(run_id))
+    if not rows:
+        report.absent["dynamics"] = (
+            f"train/dynamics.jsonl is empty or missing (train.dynamics_every); rerun "
+            f"`{_command('trainer', run_id, store)} --force`"
+        )
+        return
+    features = [f for f in spec.hmm.features if any(f in r for r in rows)]
+    steps = [r["step"] for r in rows]
+    report.data["dynamics"] = {
+        "steps": steps,
+        "features": {f: [r.get(f) for r in rows] for f in features},
+    }
+
+    def draw(ax: Any) -> None:
+        for f in features:
+            values = [r.get(f) for r in rows]
+            top = max((abs(v) for v in values if v is not None), default=1.0) or 1.0
+            ax.plot(steps, [None if v is None else v / top for v in values], label=f)
+        ax.set(xlabel="step", ylabel="value / max |value|")
+        ax.legend(fontsize=6, ncol=2)
+
+    report.figures["dynamics"] = _png(draw, (6.0, 4.0))
+
+
+def drift(report: Report, store: Store, run_id: str) -> dict[str, Any] | None:
+    if not store.exists(layout.ot_done_key(run_id)):
+        report.absent["drift"] = f"the OT stage has not run: `{_command('ot', run_id, store)}`"
+        return None
+    phases = store.get_json(layout.ot_phases_key(run_id))
+    mean = phases.get("curves", {}).get("mean", {})
+    report.data["drift"] = {
+        "depth_only": phases.get("depth_only", False),
+        "note": phases.get("note"),
+        "change_points": mean.get("change_points", []),
+        "transitions": mean.get("transitions", []),
+        "step_drift_mean": mean.get("values"),
+        "alignment": phases.get("alignment", []),
+    }
+    for name in OT_PLOTS:
+        key = layout.ot_plot_key(run_id, name)
+        if store.exists(key):
+            report.figures[f"ot_{name}"] = store.get_bytes(key)
+    return dict(phases)
+
+
+def sae(report: Report, store: Store, run_id: str, n_layer: int) -> None:
+    layers = {}
+    for layer in range(n_layer + 1):
+        if store.exists(layout.sae_done_key(run_id, layer)):
+            body = store.get_json(layout.sae_config_key(run_id, layer))
+            metrics = body.get("metrics", {})
+            layers[str(layer)] = {
+                "arch": body.get("config", {}).get("arch"),
+                "d_sae": body.get("config", {}).get("d_sae"),
+                "relative_depth": layer / max(n_layer, 1),
+                **{k: v for k, v in metrics.items() if isinstance(v, int | float)},
+                "ce_loss_recovered": metrics.get("ce", {}).get("ce_loss_recovered"),
+            }
+    if not layers:
+        report.absent["sae"] = (
+            f"no SAE has been trained: `python -m services.sae train --run {run_id} "
+            f"--store {store.url}`"
+        )
+        return
+    report.data["sae"] = {"layers": layers}
+
+
+def detection(report: Report, store: Store, run_id: str, spec: RunSpec) -> None:
+    if not store.exists(layout.detect_done_key(run_id)):
+        report.absent["detection"] = (
+            f"the detect stage has not run: `python -m services.sae detect --run {run_id} "
+            f"--store {store.url}`"
+        )
+        return
+    section, figures = evaluate_detection(store, run_id, spec.evaluate)
+    report.data["detection"] = section
+    report.figures.update(figures)
+
+
+def hmm(report: Report, store: Store, run_id: str, spec: RunSpec) -> dict[str, list[int]] | None:
+    """The HMM of this run's training dynamics; its state changes, or None when absent."""
+    try:
+        from services.evaluator import hmm as hmm_module
+    except ModuleNotFoundError as err:
+        if err.name != "services.evaluator.hmm":
+            raise
+        report.absent["hmm"] = "the HMM analysis (services/evaluator/hmm.py) is not installed"
+        return None
+    try:
+        analysis = hmm_module.run_hmm(store, [run_id], spec.hmm)
+    except DriftlabError as err:
+        report.absent["hmm"] = f"the HMM could not be fitted: {err}"
+        return None
+    body = analysis.to_json()
+    report.data["hmm"] = body
+    report.data["hmm"]["saved"] = hmm_module.save_hmm(store, run_id, analysis)
+    report.svgs["hmm_graph"] = hmm_module.state_graph_svg(analysis)
+    report.figures["hmm_curves"] = hmm_module.state_curves_png(analysis, store)
+    changes: dict[str, list[int]] = body.get("state_changes", {})
+    return changes
+
+
+def phases(
+    report: Report,
+    spec: RunSpec,
+    checkpoints: list[int],
+    hmm_changes: dict[str, list[int]] | None,
+    ot_phases: dict[str, Any] | None,
+) -> None:
+    accuracy = report.data["training"]["eval"].get("eval_accuracy")
+    sources = {
+        "hmm": None if hmm_changes is None else hmm_changes.get(report.run_id, []),
+        "ot": None if ot_phases is None else agreement.ot_change_points(ot_phases),
+        "accuracy": None
+        if accuracy is None or any(v is None for v in accuracy)
+        else agreement.accuracy_jumps(checkpoints, accuracy),
+    }
+    why = {
+        "hmm": report.absent.get("hmm"),
+        "ot": report.absent.get("drift"),
+        "accuracy": "the checkpoints have no eval_accuracy (the task has no answers)",
+    }
+    section = agreement.phase_agreement(checkpoints, sources, spec.evaluate.phase_tolerance)
+    section["absent_because"] = {name: why[name] for name in section["absent"]}
+    report.data["phases"] = section
+
+
+def explorer(report: Report, store: Store, run_id: str, spec: RunSpec, device: str) -> None:
+    section = explore(store, run_id, spec, device)
+    if "absent" in section:
+        report.absent["explorer"] = section["absent"]
+        return
+    report.data["explorer"] = section
+
+
+def build(store: Store, run_id: str, spec: RunSpec, device: str = "cpu") -> Report:
+    report = Report(run_id)
+    report.data["spec"] = spec_summary(spec)
+    checkpoints = training(report, store, run_id)
+    dynamics(report, store, run_id, spec)
+    ot_phases = drift(report, store, run_id)
+    sae(report, store, run_id, model_sizes(spec).n_layer)
+    detection(report, store, run_id, spec)
+    hmm_changes = hmm(report, store, run_id, spec)
+    phases(report, spec, checkpoints, hmm_changes, ot_phases)
+    explorer(report, store, run_id, spec, device)
+    return report

@@ -1,0 +1,167 @@
+"""The evaluator: detection metrics against scikit-learn, phase agreement, the report and
+its partial forms, the stage's errors, and `driftlab compare`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+from services.evaluator import agreement, detection
+from services.evaluator.__main__ import EVALUATE
+from services.evaluator.report import SECTION_IDS
+from shared import layout
+from shared.auroc import auroc, bootstrap_ci
+from shared.cli import main as cli_main
+from shared.spec import EvaluateSpec
+from shared.stage import stage_main
+from shared.store import open_store
+from tests.evaluator_run import STEPS, detection_rows, make_run
+
+RNG = np.random.default_rng(7)
+LABELS = RNG.integers(0, 2, 120)
+SCORES = np.round(LABELS * 0.8 + RNG.normal(size=120), 1)  # rounded: many ties
+
+
+@pytest.fixture
+def store(tmp_path):
+    return open_store(tmp_path / "store")
+
+
+def _evaluate(store, run_id, *extra):
+    return stage_main(EVALUATE, ["--run", run_id, "--store", store.url, "--device", "cpu", *extra])
+
+
+def test_auroc_and_pr_auc_match_sklearn_with_ties():
+    assert auroc(LABELS, SCORES) == pytest.approx(roc_auc_score(LABELS, SCORES), abs=1e-12)
+    ap = detection.average_precision(LABELS, SCORES)
+    assert ap == pytest.approx(average_precision_score(LABELS, SCORES), abs=1e-12)
+    recall, precision = detection.pr_points(LABELS, SCORES)
+    sk_p, sk_r, _ = precision_recall_curve(LABELS, SCORES)
+    # sklearn lists points from the lowest threshold up, with a final (1, 0) point.
+    assert np.allclose(precision[1:], sk_p[:-1][::-1]) and np.allclose(recall[1:], sk_r[:-1][::-1])
+
+
+def test_f1_max_threshold_and_confusion_match_sklearn():
+    threshold = detection.choose_threshold(LABELS, SCORES, EvaluateSpec(threshold="f1"))
+    assert threshold is not None
+    best = max(f1_score(LABELS, t <= SCORES) for t in np.unique(SCORES))
+    counts = detection.confusion(LABELS, SCORES, threshold)
+    assert detection.prf(counts)["f1"] == pytest.approx(best)
+    tn, fp, fn, tp = confusion_matrix(LABELS, threshold <= SCORES).ravel()
+    assert counts == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    youden = detection.choose_threshold(LABELS, SCORES, EvaluateSpec(threshold="youden"))
+    fpr, tpr, _ = roc_curve(LABELS, SCORES)
+    at = detection.confusion(LABELS, SCORES, youden or 0.0)
+    assert at["tp"] / (at["tp"] + at["fn"]) - at["fp"] / (at["fp"] + at["tn"]) == pytest.approx(
+        float(np.max(tpr - fpr))
+    )
+    fixed = EvaluateSpec(threshold="fixed", threshold_value=0.3)
+    assert detection.choose_threshold(LABELS, SCORES, fixed) == 0.3
+
+
+def test_bootstrap_ci_contains_estimate_and_narrows_with_data():
+    ci = bootstrap_ci(LABELS, SCORES, 300, seed=1)
+    assert ci is not None
+    low, high = ci
+    assert low < auroc(LABELS, SCORES) < high
+    big_y = np.tile(LABELS, 10)
+    big_s = np.tile(SCORES, 10) + RNG.normal(scale=1e-3, size=1200)
+    big = bootstrap_ci(big_y, big_s, 300, seed=1)
+    assert big is not None
+    b_low, b_high = big
+    assert b_high - b_low < (high - low) / 2
+    assert bootstrap_ci(np.ones(5), np.arange(5.0), 100) is None
+
+
+def test_detection_uses_train_threshold_on_test_and_drops_no_answers():
+    rows = detection_rows()
+    spec = EvaluateSpec(bootstrap=20)
+    result = detection.score_metrics(rows, "detector", spec)
+    train = detection.split_scores(rows, "detector", "train")
+    test = detection.split_scores(rows, "detector", "test")
+    assert result["threshold"] == detection.choose_threshold(train.labels, train.values, spec)
+    assert result["auroc"] == pytest.approx(roc_auc_score(test.labels, test.values))
+    n_test = sum(1 for r in rows if r["split"] == "test" and r["label"] != "no-answer")
+    assert result["n_test"] == n_test and sum(result["confusion"].values()) == n_test
+
+
+def test_pair_agreement_counts_matches_within_tolerance():
+    checkpoints = [0, 10, 20, 30, 40, 50]
+    near = agreement.pair_agreement(checkpoints, [20], [30, 50], tolerance=1)
+    assert (near["a_matched"], near["b_matched"], near["agreement"]) == (1, 1, pytest.approx(2 / 3))
+    assert agreement.pair_agreement(checkpoints, [20], [40], tolerance=1)["agreement"] == 0
+    assert agreement.pair_agreement(checkpoints, [], [], tolerance=1)["agreement"] is None
+    assert agreement.accuracy_jumps([0, 1, 2, 3], [0.1, 0.12, 0.8, 0.81]) == [2]
+    assert agreement.accuracy_jumps([0, 1, 2], [0.1, 0.11, 0.12]) == []
+
+
+def test_full_report_has_every_section_and_agreeing_phases(store):
+    run_id = make_run(store)
+    assert _evaluate(store, run_id) == 0
+    report = store.get_json(layout.evaluate_report_json_key(run_id))
+    assert report["absent"] == {}
+    phases = report["phases"]
+    assert phases["sources"]["ot"] == [40] and phases["sources"]["accuracy"] == [40]
+    assert all(p["agreement"] == 1.0 for p in phases["pairs"] if "hmm" not in (p["a"], p["b"]))
+    scores = report["detection"]["scores"]
+    assert scores["detector"]["auroc"] > scores["baseline_random"]["auroc"]
+    assert report["detection"]["no_answer_excluded"] > 0
+    cells = report["explorer"]["cells"]
+    assert set(report["explorer"]["sae_layers"]) == {1}
+    assert "features" in cells[f"{STEPS[-1]}/1"] and "features" not in cells[f"{STEPS[-1]}/0"]
+    html = store.get_text(layout.evaluate_report_html_key(run_id))
+    assert all(f'<section id="{sid}">' in html for sid in SECTION_IDS)
+    # Nothing is fetched from anywhere: no linked stylesheet, script or image.
+    for fetch in ('src="http', "src='http", 'href="http', "<link", "<script src", "url(http"):
+        assert fetch not in html
+    assert store.exists(layout.evaluate_plot_key(run_id, "detection_roc"))
+    assert store.exists(layout.evaluate_done_key(run_id))
+
+
+def test_partial_report_says_what_is_absent(store):
+    run_id = make_run(store, ot=False, sae=False, detect=False)
+    assert _evaluate(store, run_id) == 0
+    report = store.get_json(layout.evaluate_report_json_key(run_id))
+    assert {"drift", "sae", "detection"} <= set(report["absent"])
+    assert "services.ot" in report["absent"]["drift"]
+    assert "ot" in report["phases"]["absent"]
+    html = store.get_text(layout.evaluate_report_html_key(run_id))
+    assert html.count('class="absent"') >= 3
+    # OT finishing later invalidates the cached report.
+    from tests.evaluator_run import write_ot
+
+    write_ot(store, run_id)
+    assert _evaluate(store, run_id) == 0
+    assert "drift" not in store.get_json(layout.evaluate_report_json_key(run_id))["absent"]
+
+
+def test_missing_training_is_one_line_naming_the_trainer(store, capsys):
+    run_id = make_run(store, ot=False, sae=False, detect=False)
+    store.delete(layout.train_done_key(run_id))
+    assert _evaluate(store, run_id) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "python -m services.trainer" in err[0]
+    assert not store.exists(layout.evaluate_report_json_key(run_id))
+
+
+def test_report_and_compare_commands(store, capsys):
+    run_a = make_run(store, seed=0)
+    run_b = make_run(store, seed=1, detect=False)
+    assert cli_main(["report", run_a, "--store", store.url]) == 0
+    assert capsys.readouterr().out.strip().endswith("evaluate/report.html")
+    assert cli_main(["compare", run_a, run_b, "--store", store.url]) == 0
+    out = capsys.readouterr().out
+    assert run_a in out and run_b in out and "auroc_detector" in out
+    page = store.get_text(layout.comparison_key([run_a, run_b], "compare.html"))
+    assert run_b in page
+    rows = store.get_json(layout.comparison_key([run_a, run_b], "compare.json"))
+    assert rows[0]["auroc_detector"] is not None and "auroc_detector" not in rows[1]
+    assert rows[0]["sae_ev@0.5"] == 0.8 and rows[0]["drift_change_points"] == 1
