@@ -126,9 +126,10 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     config = GPT2Config(
         n_layer=size["n_layer"], n_head=size["n_head"], n_embd=size["n_embd"],
-        vocab_size=size["vocab"], n_positions=size["seq"], attn_implementation="sdpa",
+        vocab_size=size["vocab"], n_positions=size["seq"], bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
-    model = GPT2LMHeadModel(config).to(device).eval()
+    model = GPT2LMHeadModel(config).eval()
+    model.to(device)
     probe = synthetic_probe(size["samples"], size["seq"], size["vocab"])
     dtype = DTYPES[args.dtype]
     tokens = int(probe.lengths.sum())

@@ -145,18 +145,6 @@ def load_probe(store: Store, run_id: str) -> Probe:
     )
 
 
-def extracted_steps(store: Store, run_id: str) -> list[int]:
-    """Checkpoint steps whose extraction is complete (has DONE), ascending."""
-    steps = set()
-    prefix = layout.run_prefix(run_id) + "extract/"
-    for name in store.list_dirs(prefix):
-        if name.startswith("step-") and name[5:].isdigit():
-            step = int(name[5:])
-            if store.exists(layout.extract_done_key(run_id, step)):
-                steps.add(step)
-    return sorted(steps)
-
-
 def load_index(store: Store, run_id: str, step: int) -> ExtractIndex:
     if not store.exists(layout.extract_done_key(run_id, step)):
         raise InputMissing(

@@ -251,14 +251,3 @@ def greedy_generate(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         results.extend(out)
     return results
-
-
-def complete_steps(store: Store, run_id: str) -> list[int]:
-    """Steps whose checkpoint has its DONE marker, ascending."""
-    steps = set()
-    for key in store.list(layout.checkpoints_prefix(run_id)):
-        if key.endswith("/DONE"):
-            step = layout.parse_checkpoint_step(key)
-            if step is not None:
-                steps.add(step)
-    return sorted(steps)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import os
 import signal
 import socket
@@ -78,12 +79,14 @@ class StageDef:
     stages (one checkpoint, one layer) depend on which shard they are. A fan-out stage
     started without its shard argument runs once per shard that `fan_out` lists, each
     under the full contract (its own DONE marker, cache check and status), so a local
-    run does one after the other what Argo does in parallel pods.
+    run does one after the other what Argo does in parallel pods. `run` may be given as
+    "module:function", imported only when the stage has work to do: a cached stage then
+    never imports PyTorch, and an Argo retry or a rerun of a finished run costs a second.
     """
 
     name: str
     help: str
-    run: Callable[[StageContext], None]
+    run: Callable[[StageContext], None] | str
     done_key: Callable[[argparse.Namespace, RunSpec], str]
     inputs: Callable[[argparse.Namespace, RunSpec, Store], Sequence[Input]]
     spec_sections: tuple[str, ...]
@@ -221,7 +224,7 @@ def execute(stage: StageDef, args: argparse.Namespace) -> int:
     status.write("running", device=device)
     ctx = StageContext(stage.name, run_id, shard, store, spec, args, device)
     try:
-        stage.run(ctx)
+        _resolve(stage.run)(ctx)
     except BaseException as err:
         message = _one_line(err)
         status.write("failed", device=device, error=message, headline=ctx.headline)
@@ -257,6 +260,15 @@ def _is_cached(store: Store, done_key: str, digests: Mapping[str, Any]) -> bool:
         and marker.get("inputs") == digests["inputs"]
         and marker.get("spec") == digests["spec"]
     )
+
+
+def _resolve(run: Callable[[StageContext], None] | str) -> Callable[[StageContext], None]:
+    """A `run` given as "module:function" is imported only when there is work to do."""
+    if not isinstance(run, str):
+        return run
+    module, _, name = run.partition(":")
+    function: Callable[[StageContext], None] = getattr(importlib.import_module(module), name)
+    return function
 
 
 def _one_line(err: BaseException) -> str:

@@ -23,6 +23,7 @@ from shared.models import load_model
 from shared.registry import create_run
 from shared.spec import RunSpec, SpecError, apply_overrides, parse_spec
 from shared.stage import stage_main
+from shared.steps import extracted_steps
 from shared.store import open_store
 from shared.tokenizer import load_tokenizer
 
@@ -95,7 +96,7 @@ def _reference(store, run_id, step, probe):
 def test_stored_states_are_the_models_hidden_states(fp32_run):
     store, run_id = fp32_run
     probe = hidden.load_probe(store, run_id)
-    steps = hidden.extracted_steps(store, run_id)
+    steps = extracted_steps(store, run_id)
     assert steps == [0, 10, 20]
     model, out = _reference(store, run_id, 20, probe)
     n_layer = model.config.n_layer
@@ -259,12 +260,12 @@ def test_killed_extraction_resumes_and_matches_a_clean_one(tmp_path):
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = hidden.extracted_steps(store, run_id)
+    done = extracted_steps(store, run_id)
     assert done == [0], f"the kill came too late to test anything: {done}"
     assert store.get_json(status)["state"] == "running"  # what a killed pod leaves
 
     assert _extract(store, run_id) == 0
-    assert hidden.extracted_steps(store, run_id) == [0, 10, 20]
+    assert extracted_steps(store, run_id) == [0, 10, 20]
     assert store.get_json(layout.status_key(run_id, "extract", "step-0"))["state"] == "cached"
     resumed = hidden.load_hidden(store, run_id, 10, 2)
     assert _extract(store, run_id, "--step", "10", "--force") == 0

@@ -37,7 +37,7 @@ def test_checkpoints_fails_in_one_line_without_steps(tmp_path, capsys):
     store, run_id = _run_with_checkpoints(tmp_path, [])
     assert cli.main(["checkpoints", "--run", run_id, "--store", store.url]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and len(err.strip().splitlines()) == 1 and "no complete checkpoint" in err
+    assert out == "" and len(err.strip().splitlines()) == 1 and "no finished checkpoint" in err
     store, run_id = _run_with_checkpoints(tmp_path / "b", [0], **{"extract.steps": [0, 60]})
     assert cli.main(["checkpoints", "--run", run_id, "--store", store.url]) == 2
     assert "extract.steps [60] have no complete checkpoint" in capsys.readouterr().err

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from shared import layout
-from shared.models import complete_steps, load_model
+from shared.models import load_model
 from shared.registry import create_run
 from shared.spec import RunSpec, apply_overrides
+from shared.steps import complete_steps
 from shared.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]

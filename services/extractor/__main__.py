@@ -11,12 +11,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from services.extractor.extract import extract_step
 from shared import layout
-from shared.errors import InputMissing
-from shared.models import complete_steps
 from shared.spec import RunSpec
 from shared.stage import Input, StageDef, stage_main
+from shared.steps import selected_steps
 from shared.store import Store
 
 
@@ -38,29 +36,17 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
     ]
 
 
-def _selected_steps(args: argparse.Namespace, spec: RunSpec, store: Store) -> list[int]:
-    done = complete_steps(store, args.run)
-    wanted = spec.extract.steps
-    steps = done if wanted == "all" else [s for s in done if s in set(wanted)]
-    if not steps:
-        what = "any" if wanted == "all" else f"any of extract.steps {wanted}"
-        raise InputMissing(
-            f"run {args.run} has no finished checkpoint ({what}): run "
-            f"`python -m services.trainer --run {args.run} --store {args.store}` first"
-        )
-    return steps
-
-
 def _fan_out(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[argparse.Namespace]:
     return [
-        argparse.Namespace(**{**vars(args), "step": s}) for s in _selected_steps(args, spec, store)
+        argparse.Namespace(**{**vars(args), "step": s})
+        for s in selected_steps(store, args.run, spec, args.store)
     ]
 
 
 EXTRACT = StageDef(
     name="extract",
     help="Store every layer's hidden states for a fixed probe set at each checkpoint.",
-    run=extract_step,
+    run="services.extractor.extract:extract_step",
     done_key=lambda args, spec: layout.extract_done_key(args.run, args.step),
     inputs=_inputs,
     spec_sections=("data", "extract"),

@@ -11,11 +11,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from services.ot.clouds import planned_steps
-from services.ot.stage import run_ot
 from shared import layout
 from shared.spec import RunSpec
 from shared.stage import Input, StageDef, stage_main
+from shared.steps import selected_steps
 from shared.store import Store
 
 
@@ -26,14 +25,14 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
             layout.extract_done_key(args.run, step),
             f"python -m services.extractor --run {args.run} --store {args.store} --step {step}",
         )
-        for step in planned_steps(store, args.run, spec)
+        for step in selected_steps(store, args.run, spec, args.store)
     ]
 
 
 OT = StageDef(
     name="ot",
     help="Optimal-transport drift between layers and checkpoints, change points and plots.",
-    run=run_ot,
+    run="services.ot.stage:run_ot",
     done_key=lambda args, spec: layout.ot_done_key(args.run),
     inputs=_inputs,
     spec_sections=("extract", "ot"),

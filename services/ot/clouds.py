@@ -14,9 +14,6 @@ import torch
 from torch import Tensor
 
 from shared import hidden
-from shared.errors import InputMissing
-from shared.models import complete_steps
-from shared.spec import RunSpec
 from shared.store import Store
 
 
@@ -37,24 +34,6 @@ class HiddenClouds:
     def n_layers(self) -> int:
         """Hidden-state layers, embeddings included (L+1)."""
         return int(self.states.shape[1])
-
-
-def planned_steps(store: Store, run_id: str, spec: RunSpec) -> list[int]:
-    """Checkpoints the extraction is meant to cover: finished ones selected by extract.steps.
-
-    The OT stage depends on all of them, so a checkpoint the extractor has not reached yet
-    is a missing input rather than a silently shorter time axis.
-    """
-    done = complete_steps(store, run_id)
-    wanted = spec.extract.steps
-    steps = done if wanted == "all" else [s for s in done if s in set(wanted)]
-    if not steps:
-        raise InputMissing(
-            f"run {run_id} has no finished checkpoint to compare: run "
-            f"`python -m services.trainer --run {run_id} --store {store.url}` and the "
-            "extractor first"
-        )
-    return steps
 
 
 def load_clouds(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from services.ot import phases, plots
-from services.ot.clouds import HiddenClouds, load_clouds, planned_steps
+from services.ot.clouds import HiddenClouds, load_clouds
 from services.ot.drift import (
     BASELINE_QUANTILE,
     CI_LEVEL,
@@ -29,6 +29,7 @@ from shared import layout
 from shared.errors import ArtifactNotFound
 from shared.spec import OTSpec
 from shared.stage import StageContext, resolve_device
+from shared.steps import selected_steps
 from shared.store import Store
 
 PHASES_FORMAT = 1
@@ -41,7 +42,7 @@ DEPTH_ONLY_NOTE = (
 
 def run_ot(ctx: StageContext) -> None:
     ot = ctx.spec.ot
-    steps = planned_steps(ctx.store, ctx.run_id, ctx.spec)
+    steps = selected_steps(ctx.store, ctx.run_id, ctx.spec, ctx.args.store)
     clouds = load_clouds(ctx.store, ctx.run_id, steps, ot.n_points, ot.seed)
     settings = _settings(ot, ctx.device if ctx.args.device != "auto" else resolve_device(ot.device))
     n_t, n_l = len(steps), clouds.n_layers

@@ -14,8 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from services.sae.detect import detect_layers, final_checkpoint, run_detect
-from services.sae.train import train_layer, training_step
+from services.sae.plan import detect_layers, final_checkpoint, training_step
 from shared import layout
 from shared.spec import RunSpec, sae_layers
 from shared.stage import Input, StageDef, stage_main
@@ -55,7 +54,7 @@ TRAIN = StageDef(
     name="sae",
     subcommand="train",
     help="Train a sparse autoencoder per layer on the extracted hidden states.",
-    run=train_layer,
+    run="services.sae.train:train_layer",
     done_key=lambda args, spec: layout.sae_done_key(args.run, args.layer),
     inputs=_inputs,
     spec_sections=("sae",),
@@ -88,7 +87,7 @@ DETECT = StageDef(
     name="detect",
     subcommand="detect",
     help="Answer held-out questions, track SAE feature hypotheses and score hallucinations.",
-    run=run_detect,
+    run="services.sae.detect:run_detect",
     done_key=lambda args, spec: layout.detect_done_key(args.run),
     inputs=_detect_inputs,
     spec_sections=("data", "detect"),

@@ -23,14 +23,15 @@ import torch
 from services.sae.artifacts import load_sae
 from services.sae.detector import TEST, TRAIN, best_layer, fit_and_score, split_by_question
 from services.sae.generate import Generation, Sampling, generate
+from services.sae.plan import detect_layers, final_checkpoint
 from services.sae.signals import describe, model_baselines, tracking_signals
 from services.sae.tracking import AnswerTracking, track_answer, unit_rows
 from shared import layout
 from shared.auroc import auroc, bootstrap_ci
 from shared.data import Example, Task, load_task, prompt_ids
-from shared.errors import ArtifactNotFound, DriftlabError, InputMissing
-from shared.models import complete_steps, load_model
-from shared.spec import DetectSpec, RunSpec, sae_layers
+from shared.errors import ArtifactNotFound, DriftlabError
+from shared.models import load_model
+from shared.spec import DetectSpec, RunSpec
 from shared.stage import StageContext
 from shared.store import Store
 from shared.telemetry import push_metrics
@@ -58,23 +59,6 @@ class Answer:
     label: str
     generation: Generation
     tracking: AnswerTracking
-
-
-def final_checkpoint(store: Store, run_id: str, store_arg: str) -> int:
-    """The last checkpoint with a DONE marker: the model whose answers are judged."""
-    steps = complete_steps(store, run_id)
-    if not steps:
-        raise InputMissing(
-            f"run {run_id} has no finished checkpoint to answer with: run "
-            f"`python -m services.trainer --run {run_id} --store {store_arg}` first"
-        )
-    return steps[-1]
-
-
-def detect_layers(spec: RunSpec) -> list[int]:
-    """Tracked layers: `detect.layers`, or every layer with an SAE."""
-    chosen = spec.detect.layers
-    return sae_layers(spec) if chosen == "all" else list(chosen)
 
 
 def run_detect(ctx: StageContext) -> None:

@@ -22,12 +22,12 @@ from services.sae.batches import Batches, input_scale, place
 from services.sae.fit import FitSummary, NonFiniteLoss, Schedule, fit
 from services.sae.metrics import ce_recovered, reconstruction_metrics
 from services.sae.models import build_sae
+from services.sae.plan import training_step
 from shared.errors import DriftlabError, InputMissing
-from shared.hidden import Probe, extracted_steps, load_hidden, load_index, load_probe
+from shared.hidden import Probe, load_hidden, load_index, load_probe
 from shared.models import load_model
 from shared.spec import SAESpec, model_sizes
 from shared.stage import StageContext
-from shared.store import Store
 from shared.telemetry import push_metrics
 
 GAO_DEAD_TOKENS = 10_000_000
@@ -37,19 +37,6 @@ CE_BATCH = 16
 
 class SAETrainingError(DriftlabError):
     """SAE training cannot go on: too little data, or a diverging loss."""
-
-
-def training_step(store: Store, run_id: str, spec: SAESpec) -> int:
-    """`sae.step`, or the last checkpoint whose extraction is complete."""
-    if spec.step is not None:
-        return spec.step
-    steps = extracted_steps(store, run_id)
-    if not steps:
-        raise InputMissing(
-            f"run {run_id} has no finished extraction to train SAEs on: run "
-            f"`python -m services.extractor --run {run_id} --store {store.url}` first"
-        )
-    return steps[-1]
 
 
 def holdout_split(

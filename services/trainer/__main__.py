@@ -11,11 +11,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from services.trainer.loop import train
 from shared import layout
-from shared.models import complete_steps
 from shared.spec import RunSpec
 from shared.stage import Input, StageDef, stage_main
+from shared.steps import complete_steps
 from shared.store import Store
 
 
@@ -39,7 +38,7 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
 TRAIN = StageDef(
     name="train",
     help="Train (or load) a GPT-2-style model and write checkpoints with training dynamics.",
-    run=train,
+    run="services.trainer.loop:train",
     done_key=lambda args, spec: layout.train_done_key(args.run),
     inputs=_inputs,
     spec_sections=("model", "data", "train"),

@@ -35,7 +35,6 @@ from shared.models import (
     ModelError,
     build_model,
     check_same_architecture,
-    complete_steps,
     count_parameters,
     load_config,
     load_tensors,
@@ -45,6 +44,7 @@ from shared.models import (
 )
 from shared.spec import RunSpec, section_digest
 from shared.stage import StageContext
+from shared.steps import complete_steps
 from shared.store import Store
 from shared.tokenizer import Tokenizer, load_tokenizer
 
