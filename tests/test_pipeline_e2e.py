@@ -18,11 +18,21 @@ from pathlib import Path
 import pytest
 
 from shared import layout
-from shared.spec import load_spec, model_sizes
+from shared.spec import apply_overrides, load_spec, model_sizes, spec_to_yaml
 from shared.store import Store, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny-cpu.yaml"
+#: configs/tiny-cpu.yaml (what `make demo` runs) with fewer checkpoints and SAE epochs, so
+#: the three full runs below fit in CI's time; the graph and every stage are the same.
+FASTER = {"train.steps": 40, "sae.epochs": 2, "ot.bootstrap": 5}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("spec") / "tiny-ci.yaml"
+    spec = apply_overrides(load_spec(ROOT / "configs" / "tiny-cpu.yaml"), FASTER)
+    path.write_text(spec_to_yaml(spec))
+    return path
 
 
 def _driftlab(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -37,8 +47,8 @@ def _driftlab(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
-def _assert_complete(store: Store, run_id: str) -> None:
-    spec = load_spec(TINY)
+def _assert_complete(store: Store, run_id: str, tiny: Path) -> None:
+    spec = load_spec(tiny)
     assert spec.train.steps is not None
     steps = list(range(0, spec.train.steps + 1, spec.train.checkpoint_every))
     layers = range(model_sizes(spec).n_layer + 1)
@@ -66,8 +76,8 @@ def _assert_complete(store: Store, run_id: str) -> None:
     assert store.get_json(layout.status_key(run_id, "workflow"))["state"] == "succeeded"
 
 
-def _run_and_check(store_url: str) -> str:
-    done = _driftlab("run", str(TINY), "--store", store_url, "--workers", "2")
+def _run_and_check(store_url: str, tiny: Path) -> str:
+    done = _driftlab("run", str(tiny), "--store", store_url, "--workers", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     run_id = lines[0]
@@ -75,22 +85,19 @@ def _run_and_check(store_url: str) -> str:
     for stage in ("train", "list-checkpoints", "extract", "ot", "sae-train", "detect", "evaluate"):
         assert any(line.split()[0].startswith(stage) for line in lines[1:]), stage
     assert lines[-1].startswith("report: ") and lines[-1].endswith("evaluate/report.html")
-    _assert_complete(open_store(store_url), run_id)
+    _assert_complete(open_store(store_url), run_id, tiny)
     return run_id
 
 
-@pytest.mark.slow
-def test_tiny_spec_end_to_end_on_a_folder_store(tmp_path):
-    _run_and_check(str(tmp_path / "store"))
+def test_tiny_spec_end_to_end_on_a_folder_store(tmp_path, tiny):
+    _run_and_check(str(tmp_path / "store"), tiny)
 
 
-@pytest.mark.slow
-def test_tiny_spec_end_to_end_on_s3(s3_store_url):
-    _run_and_check(s3_store_url)
+def test_tiny_spec_end_to_end_on_s3(s3_store_url, tiny):
+    _run_and_check(s3_store_url, tiny)
 
 
-@pytest.mark.slow
-def test_a_run_killed_during_extraction_resumes_with_finished_stages_cached(tmp_path):
+def test_a_run_killed_during_extraction_resumes_with_finished_stages_cached(tmp_path, tiny):
     store_url = str(tmp_path / "store")
     store = open_store(store_url)
     proc = subprocess.Popen(
@@ -99,7 +106,7 @@ def test_a_run_killed_during_extraction_resumes_with_finished_stages_cached(tmp_
             "-m",
             "shared.cli",
             "run",
-            str(TINY),
+            str(tiny),
             "--store",
             store_url,
             "--workers",
@@ -120,11 +127,11 @@ def test_a_run_killed_during_extraction_resumes_with_finished_stages_cached(tmp_
     proc.communicate(timeout=120)
     assert not store.exists(layout.evaluate_done_key(run_id))
 
-    rerun = _driftlab("run", str(TINY), "--store", store_url, "--run", run_id)
+    rerun = _driftlab("run", str(tiny), "--store", store_url, "--run", run_id)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert store.get_json(layout.status_key(run_id, "train"))["state"] == "cached"
-    _assert_complete(store, run_id)
-    again = _driftlab("run", str(TINY), "--store", store_url, "--run", run_id)
+    _assert_complete(store, run_id, tiny)
+    again = _driftlab("run", str(tiny), "--store", store_url, "--run", run_id)
     assert again.returncode == 0
     statuses = [store.get_json(k) for k in store.list(layout.status_prefix(run_id))]
     stage_states = {s["state"] for s in statuses if s.get("stage") != "workflow"}
