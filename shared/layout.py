@@ -6,6 +6,7 @@ layout can change in one file and a typo cannot silently create a second artifac
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from datetime import UTC, datetime
@@ -274,6 +275,16 @@ def evaluate_hmm_key(run_id: str, name: str) -> str:
 
 def evaluate_done_key(run_id: str) -> str:
     return evaluate_prefix(run_id) + "DONE"
+
+
+# -- across runs -------------------------------------------------------------------------
+
+
+def comparison_key(run_ids: list[str], name: str) -> str:
+    """`comparisons/<digest of the run ids>/<name>`: one folder per set of compared runs."""
+    ids = [validate_run_id(r) for r in run_ids]
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+    return f"comparisons/{digest}/{_file_name(name)}"
 
 
 def _file_name(name: str, suffix: str = "") -> str:

@@ -596,8 +596,8 @@ class OTSpec(_Section):
     """Anneal epsilon from large to `reg` (epsilon scaling): faster and stabler sinkhorn."""
     max_iter: Int = Field(default=1000, gt=0)
     """Iteration cap of sinkhorn/emd."""
-    tol: Float = Field(default=1e-6, gt=0)
-    """Stopping tolerance on the marginal error."""
+    tol: Float = Field(default=1e-4, gt=0)
+    """Stopping tolerance on the marginal error (L1: mass in the wrong place, 0..2)."""
     n_points: Int = Field(default=256, gt=1)
     """Points sampled from each hidden-state cloud."""
     pca_components: Int | None = Field(default=32, gt=0)
@@ -606,8 +606,8 @@ class OTSpec(_Section):
     """Random directions of the sliced method."""
     bootstrap: Int = Field(default=20, ge=0)
     """Bootstrap resamples for confidence intervals; 0 disables them."""
-    permutations: Int = Field(default=0, ge=0)
-    """Permutations for a significance test of each step's drift; 0 disables it."""
+    permutations: Int = Field(default=20, ge=0)
+    """Permutations (token-wise swaps between consecutive checkpoints) for the noise baseline and p-value of each step's drift; 0 disables them."""
     change_penalty: Float | None = Field(default=None, gt=0)
     """Penalty of the change-point search; null picks one from the data (BIC-like)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -633,12 +633,12 @@ class SAESpec(_Section):
     """Active features per token; required by (and only used by) arch topk."""
     sparsity_loss: Literal["step", "tanh", "target_l0"] = "step"
     """JumpReLU sparsity penalty: L0 via step, its tanh relaxation, or distance to target_l0."""
-    l0_coeff: Float = Field(default=1.0, ge=0)
-    """Weight of the JumpReLU sparsity penalty (SAELens's default)."""
+    l0_coeff: Float = Field(default=1e-3, ge=0)
+    """Weight of the JumpReLU sparsity penalty; inputs have unit mean squared norm, so 1e-3 prices one active feature at 0.1% of their power."""
     target_l0: Float | None = Field(default=None, gt=0)
     """Active features per token aimed at by sparsity_loss target_l0."""
-    l1_coeff: Float = Field(default=1.0, ge=0)
-    """Weight of the L1 penalty of arch relu."""
+    l1_coeff: Float = Field(default=3e-2, ge=0)
+    """Weight of the decoder-norm-weighted L1 penalty of arch relu (inputs of unit mean squared norm)."""
     bandwidth: Float = Field(default=0.05, gt=0)
     """Width of the rectangle kernel of JumpReLU's threshold pseudo-gradient (SAELens: 0.05)."""
     init_threshold: Float = Field(default=0.01, gt=0)
@@ -707,6 +707,12 @@ class DetectSpec(_Section):
     """SAE layers whose features are tracked: all of sae.layers, or a subset."""
     test_fraction: Float = Field(default=0.3, gt=0, lt=1)
     """Share of prompts held out to test the detector."""
+    hypotheses: Int = Field(default=16, gt=0)
+    """Active SAE features per layer and generated token kept as that step's hypotheses (largest activations)."""
+    link_cosine: Float = Field(default=0.5, gt=0, le=1)
+    """Decoder-direction cosine at or above which features of adjacent tracked layers are linked."""
+    bootstrap: Int = Field(default=1000, ge=0)
+    """Bootstrap resamples for the AUROC confidence intervals in detect/metrics.json; 0: none."""
     seed: Seed = 0
     """Seed for prompt choice, sampling and the split (follows run.seed)."""
 
@@ -920,6 +926,12 @@ def _as_seed(value: Any) -> int | None:
 def model_sizes(spec: RunSpec) -> ModelSizes:
     """(n_layer, n_head, n_embd, n_positions) of the run's model, presets resolved."""
     return spec.model.resolved_sizes()
+
+
+def sae_layers(spec: RunSpec) -> list[int]:
+    """Hidden-state layers (0 = embeddings .. n_layer) that `sae.layers` selects."""
+    chosen = spec.sae.layers
+    return list(range(model_sizes(spec).n_layer + 1)) if chosen == "all" else list(chosen)
 
 
 # -- YAML --------------------------------------------------------------------------------

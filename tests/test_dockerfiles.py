@@ -129,8 +129,21 @@ def test_service_image_builds_from_the_shared_base(service: str, variant: str) -
     image, instructions = final_stage(path, {"VARIANT": variant, "TAG": "abc"})
     assert image == f"driftlab/driftlab-base:abc-{variant}"
     copies = [i.value for i in instructions if i.op == "COPY"]
-    assert copies == [f"services/{service}/ /app/services/{service}/"], "only the stage's code"
+    needed = sorted(_imported_services(service))
+    assert copies == [f"services/{s}/ /app/services/{s}/" for s in needed], (
+        "exactly the stage's code and the services it imports"
+    )
     assert _user(instructions) == "10001:10001"
+
+
+def _imported_services(service: str) -> set[str]:
+    """The service itself and every other service its code imports (e.g. the evaluator
+    loads SAEs through services.sae), so an image never misses a module it needs."""
+    pattern = re.compile(r"^\s*(?:from|import)\s+services\.(\w+)", re.MULTILINE)
+    found = {service}
+    for path in (ROOT / "services" / service).rglob("*.py"):
+        found |= set(pattern.findall(path.read_text()))
+    return found
 
 
 @pytest.mark.parametrize("service", SERVICES)
