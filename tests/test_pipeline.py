@@ -18,8 +18,10 @@ import yaml
 
 from shared.spec import apply_overrides, load_spec
 from workflows.pipeline import (
+    EXIT_HANDLER,
     GPU_RESOURCE,
     GPU_STAGES,
+    IMAGE_UID,
     STAGE_TASKS,
     WorkflowError,
     build_sweep_workflow,
@@ -132,6 +134,34 @@ def test_gpu_placement_is_exactly_on_the_gpu_stages(module: str) -> None:
             assert args[args.index("--device") + 1] == "cpu", name
 
 
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+@pytest.mark.parametrize("module", MODULES)
+def test_every_pod_is_non_root_with_a_read_only_root_and_a_writable_tmp(
+    module: str, profile: str
+) -> None:
+    spec = _manifest(module, profile)["spec"]
+    assert spec["securityContext"] == {
+        "fsGroup": IMAGE_UID,
+        "runAsGroup": IMAGE_UID,
+        "runAsNonRoot": True,
+        "runAsUser": IMAGE_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    containers = {t["name"]: t for t in spec["templates"] if "container" in t}
+    assert set(containers) == {*STAGE_TASKS, EXIT_HANDLER}
+    for name, template in containers.items():
+        container = template["container"]
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        }, name
+        (tmp,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+        volumes = {v["name"]: v for v in [*template.get("volumes", []), *spec.get("volumes", [])]}
+        assert volumes[tmp["name"]] == {"name": tmp["name"], "emptyDir": {}}, name
+
+
 def test_templates_carry_the_cluster_contract() -> None:
     spec = load_spec(TINY)
     manifest = compiled(build_workflow(spec, "gpu", store="s3://bucket/runs", run_id="tiny-1"))
@@ -169,7 +199,7 @@ def test_templates_carry_the_cluster_contract() -> None:
     assert {"name": "dshm", "mountPath": "/dev/shm"} in templates["train"]["container"][
         "volumeMounts"
     ]
-    assert templates["train"]["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in templates["train"]["volumes"]
     resources = templates["train"]["container"]["resources"]
     assert resources["requests"]["cpu"] == spec.resources.train.cpu
     assert resources["requests"]["memory"] == spec.resources.train.memory

@@ -15,6 +15,12 @@ Profiles: `gpu` puts train, extract and sae-train on GPU nodes (node selector, t
 `nvidia.com/gpu` toleration and GPU limits) and lets every stage pick its device; `cpu` is
 the fallback for clusters (and laptops) without GPUs: no selector, toleration or GPU
 limit, `--device cpu` everywhere, and requests capped so a kind cluster can schedule them.
+
+Every pod, in both profiles, runs as the images' non-root user with RuntimeDefault seccomp,
+no privilege escalation, every capability dropped and a read-only root filesystem; /tmp is
+an emptyDir so the libraries that write scratch files there still can. The chart's
+WorkflowTemplates (deploy/workflow_templates.py) are built from the same Workflow, so
+`driftlab submit` and a template started by name run under the same restrictions.
 """
 
 from __future__ import annotations
@@ -40,7 +46,18 @@ from hera.workflows import (
     Task,
     Workflow,
 )
-from hera.workflows.models import Backoff, IntOrString, Metadata, PodGC, Toleration, TTLStrategy
+from hera.workflows.models import (
+    Backoff,
+    Capabilities,
+    IntOrString,
+    Metadata,
+    PodGC,
+    PodSecurityContext,
+    SeccompProfile,
+    SecurityContext,
+    Toleration,
+    TTLStrategy,
+)
 
 from shared import layout
 from shared.errors import DriftlabError
@@ -61,6 +78,9 @@ CPU_PROFILE_MAX_MEMORY = "2Gi"
 RETRY_LIMIT = 2
 ENTRYPOINT = "pipeline"
 EXIT_HANDLER = "finish"
+# USER of deploy/docker/base.Dockerfile: numeric, so the kubelet can check runAsNonRoot.
+IMAGE_UID = 10001
+TMP_VOLUME = "tmp"
 
 
 class WorkflowError(DriftlabError):
@@ -277,7 +297,28 @@ def _workflow_shell(
         ttl_strategy=TTLStrategy(
             seconds_after_success=2 * 24 * _HOUR, seconds_after_failure=7 * 24 * _HOUR
         ),
+        security_context=PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=IMAGE_UID,
+            run_as_group=IMAGE_UID,
+            fs_group=IMAGE_UID,
+            seccomp_profile=SeccompProfile(type="RuntimeDefault"),
+        ),
     )
+
+
+def _container_security() -> SecurityContext:
+    """Nothing a stage does needs privileges or a writable image; /tmp is the emptyDir."""
+    return SecurityContext(
+        allow_privilege_escalation=False,
+        read_only_root_filesystem=True,
+        run_as_non_root=True,
+        capabilities=Capabilities(drop=["ALL"]),
+    )
+
+
+def _tmp_volume() -> EmptyDirVolume:
+    return EmptyDirVolume(name=TMP_VOLUME, mount_path="/tmp")
 
 
 def _container_templates(
@@ -299,11 +340,9 @@ def _container(
     if stage.shard:
         args += [f"--{stage.shard}", f"{{{{inputs.parameters.{stage.shard}}}}}"]
         inputs.append(Parameter(name=stage.shard))
-    volumes = (
-        [EmptyDirVolume(name="dshm", mount_path="/dev/shm", medium="Memory")]
-        if stage.name == "train"
-        else None
-    )
+    volumes = [_tmp_volume()]
+    if stage.name == "train":
+        volumes.insert(0, EmptyDirVolume(name="dshm", mount_path="/dev/shm", medium="Memory"))
     return Container(
         name=stage.name,
         image=images.image(stage.service),
@@ -320,6 +359,7 @@ def _container(
             else None
         ),
         volumes=volumes,
+        security_context=_container_security(),
         active_deadline_seconds=_int_or_string(stage.deadline_s),
         retry_strategy=RetryStrategy(
             limit=_int_or_string(RETRY_LIMIT),
@@ -346,6 +386,8 @@ def _finish_template(runs: Sequence[str], images: Images, cluster: Cluster) -> C
         args=args,
         env=_env(cluster),
         resources=_resources(_FINISH, RunSpec(), "cpu"),
+        volumes=[_tmp_volume()],
+        security_context=_container_security(),
         active_deadline_seconds=_int_or_string(_FINISH.deadline_s),
         retry_strategy=RetryStrategy(limit=_int_or_string(RETRY_LIMIT), retry_policy="OnError"),
     )
