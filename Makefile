@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
+	# driftlab[grafana] (`driftlab dashboards push`), the safe way: without these two, its
+	# urllib3-future would replace urllib3 for every library here (minio's included).
+	URLLIB3_NO_OVERRIDE=1 $(PIP) install -q --no-binary urllib3-future -e '.[grafana]'
 	touch $(STAMP)
 
 # The whole pipeline of configs/tiny-cpu.yaml on this machine, into ./driftlab-data.

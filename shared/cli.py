@@ -84,6 +84,8 @@ def _add_run_store(parser: argparse.ArgumentParser, *, many: bool = False) -> No
 
 
 def _add_evaluator_parsers(commands: argparse._SubParsersAction) -> None:
+    """`report`, `compare`, `hmm`: their code is the evaluator's, imported only when run, so
+    the CLI also works in images without it (the trainer image runs `checkpoints`)."""
     from shared.registry import _add_store_argument
 
     def report_handler(args: argparse.Namespace) -> int:
@@ -107,6 +109,27 @@ def _add_evaluator_parsers(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="run ids (two or more)")
     _add_store_argument(compare)
     compare.set_defaults(handler=compare_handler)
+
+    def hmm_handler(args: argparse.Namespace) -> int:
+        from services.evaluator.hmm_command import cmd_hmm
+
+        return cmd_hmm(args)
+
+    hmm = commands.add_parser(
+        "hmm",
+        help="fit an HMM of training phases to runs' training dynamics",
+        description="Gaussian HMMs with 1..hmm.max_components states on the z-scored "
+        "training dynamics of the runs; saves models, states, transition graph and curves "
+        "under evaluate/hmm/ of every run.",
+    )
+    which = hmm.add_mutually_exclusive_group(required=True)
+    which.add_argument("--runs", nargs="+", metavar="RUN_ID", help="run ids")
+    which.add_argument("--sweep", metavar="NAME", help="every run tagged run.tags.sweep=NAME")
+    _add_store_argument(hmm)
+    hmm.add_argument("--max-components", type=int, help="override hmm.max_components")
+    hmm.add_argument("--restarts", type=int, help="override hmm.restarts")
+    hmm.add_argument("--select-by", choices=("bic", "aic", "loglik"), help="override hmm.select_by")
+    hmm.set_defaults(handler=hmm_handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,10 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_runs_parser(commands)
     add_sweep_parser(commands)
     add_dashboards_parser(commands)
-
-    from services.evaluator.hmm_command import add_hmm_parser
-
-    add_hmm_parser(commands)
 
     checkpoints = commands.add_parser(
         "checkpoints",

@@ -1,6 +1,7 @@
 """Grafana dashboards generated from the metric declarations in shared/metrics.py.
 
     driftlab dashboards render [--out DIR] [--check]
+    driftlab dashboards push --grafana-url URL   (shared/dashboard_push.py)
 
 Every panel is made from one `MetricDef` (its `Panel` hint says title, row and unit), so a
 metric renamed in shared/metrics.py renames its query here, and a panel cannot plot a name
@@ -251,7 +252,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 
 def add_dashboards_parser(commands: Any) -> None:
-    """`driftlab dashboards render`."""
+    """`driftlab dashboards render` and `driftlab dashboards push`."""
+    from shared.dashboard_push import add_push_parser
+
     dashboards = commands.add_parser(
         "dashboards", help="Grafana dashboards from the metric declarations"
     )
@@ -266,3 +269,4 @@ def add_dashboards_parser(commands: Any) -> None:
         "--check", action="store_true", help="exit 1 if the files are out of sync"
     )
     render_cmd.set_defaults(handler=_cmd_render)
+    add_push_parser(sub)

@@ -308,8 +308,8 @@ def test_memory_stays_bounded_when_the_probe_grows_tenfold(tmp_path):
     grown_output = sizes[1] - sizes[0]
     assert grown_output > 200 << 20, sizes  # the large probe writes > 200 MiB more
     # What does grow is the allocator's high-water mark over more, differently sized
-    # batches (~25 MiB here), not the output.
-    assert peaks[1] - peaks[0] < grown_output / 8, (peaks, sizes)
+    # batches (25-35 MiB here), not the output; holding the rows would add all of it.
+    assert peaks[1] - peaks[0] < grown_output / 4, (peaks, sizes)
 
 
 def test_extracts_into_s3(s3_store_url):

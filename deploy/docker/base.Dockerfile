@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
-# The base every driftlab stage image builds FROM: Python, PyTorch, the pinned runtime
-# dependencies and driftlab's shared code, built once per variant (`make images`).
+# The base every driftlab stage image builds FROM: Python, PyTorch, the pinned core runtime
+# dependencies (what shared/ imports; each stage image adds its own extra's pins) and
+# driftlab's shared code, built once per variant (`make images`).
 #
 #   docker build -f deploy/docker/base.Dockerfile -t driftlab/driftlab-base:TAG-gpu .
 #   docker build -f deploy/docker/base.Dockerfile --build-arg VARIANT=cpu -t driftlab/driftlab-base:TAG-cpu .

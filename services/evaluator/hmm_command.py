@@ -1,4 +1,4 @@
-"""`driftlab hmm`: one HMM of training phases over a set of runs or a sweep.
+"""`driftlab hmm` (its parser is in shared/cli.py): one HMM of training phases over a set of runs or a sweep.
 
 The HMM settings are the `hmm` section of the first run's spec (the runs of a sweep share
 it), with command-line overrides for the usual knobs. The analysis is saved under
@@ -13,26 +13,6 @@ import sys
 
 from shared import layout
 from shared.errors import DriftlabError
-
-
-def add_hmm_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from shared.registry import _add_store_argument
-
-    hmm = commands.add_parser(
-        "hmm",
-        help="fit an HMM of training phases to runs' training dynamics",
-        description="Gaussian HMMs with 1..hmm.max_components states on the z-scored "
-        "training dynamics of the runs; saves models, states, transition graph and curves "
-        "under evaluate/hmm/ of every run.",
-    )
-    which = hmm.add_mutually_exclusive_group(required=True)
-    which.add_argument("--runs", nargs="+", metavar="RUN_ID", help="run ids")
-    which.add_argument("--sweep", metavar="NAME", help="every run tagged run.tags.sweep=NAME")
-    _add_store_argument(hmm)
-    hmm.add_argument("--max-components", type=int, help="override hmm.max_components")
-    hmm.add_argument("--restarts", type=int, help="override hmm.restarts")
-    hmm.add_argument("--select-by", choices=("bic", "aic", "loglik"), help="override hmm.select_by")
-    hmm.set_defaults(handler=_cmd_hmm)
 
 
 def sweep_run_ids(store_url: str, sweep: str) -> list[str]:
@@ -50,7 +30,7 @@ def sweep_run_ids(store_url: str, sweep: str) -> list[str]:
     return [str(row["run_id"]) for row in rows]
 
 
-def _cmd_hmm(args: argparse.Namespace) -> int:
+def cmd_hmm(args: argparse.Namespace) -> int:
     from services.evaluator.hmm import ANALYSIS_NAME, run_hmm, save_hmm
     from shared.stage import load_run_spec
     from shared.store import open_store
