@@ -10,7 +10,7 @@ with `GPT2LMHeadModel.from_pretrained(folder)`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -198,6 +198,48 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def decode_steps(
+    model: GPT2LMHeadModel,
+    chunk: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    pad_id: int,
+    choose: Callable[[torch.Tensor], torch.Tensor],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """KV-cached decoding of one batch of prompts: yields (last logits, chosen tokens).
+
+    Prompts are left-padded so every row's next token sits in the last column; position
+    ids count only real tokens, so padding changes nothing but speed. `choose` maps the
+    float logits [rows, vocab] to the next token of each row; the caller decides when to
+    stop (it stops iterating), and the context length caps the number of steps.
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in chunk)
+    budget = max(0, min(max_new_tokens, model.config.n_positions - width))
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for i, p in enumerate(chunk):
+        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    past = None
+    step_ids = ids
+    for _ in range(budget):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
+        )
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        nxt = choose(logits)
+        yield logits, nxt
+        step_ids = nxt.unsqueeze(-1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: GPT2LMHeadModel,
@@ -209,45 +251,24 @@ def greedy_generate(
 ) -> list[list[int]]:
     """Greedy continuations of tokenised prompts, batched, with the KV cache.
 
-    Prompts are left-padded so every row's next token sits in the last column; position
-    ids count only real tokens, so padding changes nothing but speed. Each row stops at
-    its first `eos_id` (not included) or after `max_new_tokens`.
+    Each row stops at its first `eos_id` (not included) or after `max_new_tokens`.
     """
-    device = next(model.parameters()).device
     limit = model.config.n_positions
     results: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p)[-(limit - 1) :] for p in prompts[start : start + batch_size]]
-        width = max(len(p) for p in chunk)
-        budget = max(0, min(max_new_tokens, limit - width))
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        out = [[] for _ in chunk]  # type: list[list[int]]
-        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        past = None
-        step_ids = ids
-        for _ in range(budget):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-            logits_out = model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=past,
-                use_cache=True,
-            )
-            past = logits_out.past_key_values
-            nxt = logits_out.logits[:, -1, :].argmax(-1)
-            done |= nxt == eos_id
+        out: list[list[int]] = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        for _, nxt in decode_steps(model, chunk, max_new_tokens, pad_id, _argmax):
             for i, tok in enumerate(nxt.tolist()):
+                done[i] = done[i] or tok == eos_id
                 if not done[i]:
                     out[i].append(tok)
-            if bool(done.all()):
+            if all(done):
                 break
-            step_ids = nxt.unsqueeze(-1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         results.extend(out)
     return results
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from transformers import GPT2LMHeadModel
 
+from shared.models import decode_steps
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -112,36 +114,14 @@ def _generate_batch(
     sampling: Sampling,
     kept: list[torch.Tensor | None],
 ) -> list[Generation]:
-    device = next(model.parameters()).device
-    width = max(len(p) for p in chunk)
-    budget = max(1, min(max_new_tokens, model.config.n_positions - width))
-    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-    for i, p in enumerate(chunk):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
     tokens: list[list[int]] = [[] for _ in chunk]
     hidden: list[list[torch.Tensor]] = [[] for _ in chunk]
     entropy: list[list[float]] = [[] for _ in chunk]
     prob: list[list[float]] = [[] for _ in chunk]
     done = [False] * len(chunk)
-    past = None
-    step_ids = ids
-    for _ in range(budget):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-        out = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=True,
-        )
-        past = out.past_key_values
-        logits = out.logits[:, -1, :].float()
+    for logits, nxt in decode_steps(model, chunk, max_new_tokens, pad_id, sampling.choose):
         logp = torch.log_softmax(logits, dim=-1)
         step_entropy = -(logp.exp() * logp).sum(-1)
-        nxt = sampling.choose(logits)
         step_prob = logp.gather(1, nxt[:, None])[:, 0].exp()
         states = torch.stack([k for k in kept if k is not None], dim=1).cpu()
         for i, tok in enumerate(nxt.tolist()):
@@ -156,8 +136,6 @@ def _generate_batch(
                 tokens[i].append(tok)
         if all(done):
             break
-        step_ids = nxt.unsqueeze(-1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
     return [
         Generation(
             tokens=tokens[i],
