@@ -9,7 +9,7 @@ Whatever the numbers are, they are what this run reached; a detector that loses 
 dense probe is a finding, not a failure of the benchmark.
 
 Usage: python benchmarks/bench_detect.py [--spec configs/facts-detect.yaml]
-       [--store DIR] [--set key=value ...] [--device auto|cpu|cuda]
+       [--store DIR] [--set key=value ...] [--device auto|cpu|cuda] [--run RUN_ID]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from services.trainer.__main__ import TRAIN
 from shared import layout
 from shared.registry import create_run
 from shared.spec import apply_overrides, load_spec
-from shared.stage import stage_main
+from shared.stage import load_run_spec, stage_main
 from shared.store import open_store
 
 GHOSTTRACK_TARGET_AUROC = 0.90
@@ -50,11 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", help="store folder (default: a temporary one)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--run", metavar="RUN_ID", help="continue this run of --store (finished stages cached)"
+    )
     args = parser.parse_args(argv)
 
-    spec = apply_overrides(load_spec(args.spec), _overrides(args.set))
     store = open_store(args.store or tempfile.mkdtemp(prefix="bench-detect-"))
-    run_id = create_run(store, spec)
+    if args.run:
+        spec = load_run_spec(store, args.run)
+        run_id = args.run
+    else:
+        spec = apply_overrides(load_spec(args.spec), _overrides(args.set))
+        run_id = create_run(store, spec)
     common = ["--run", run_id, "--store", store.url, "--device", args.device]
     seconds: dict[str, float] = {}
     for name, stages, argv_ in (

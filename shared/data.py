@@ -449,8 +449,8 @@ def _facts(spec: DataSpec) -> Task:
     Every name is made up, so nothing is known from pre-training. Known lands (the
     `facts_known_fraction` share) are stated in training, as statements and, for all
     attributes but one, as Q/A pairs; eval asks the held-out attribute of each known land
-    (knowable: stated in training, never asked) and one attribute of each unknown land
-    (any answer is invented). Eval ids read `facts-known-...`/`facts-unknown-...` and
+    (knowable: stated in training, never asked — or, with `facts_asked`, asked in training
+    too) and one attribute of each unknown land (any answer is invented). Eval ids read `facts-known-...`/`facts-unknown-...` and
     `meta["known"]` says the same; `Task.is_known` reads it. Eval alternates the two kinds,
     so an `eval_samples` cap keeps them balanced.
     """
@@ -504,6 +504,8 @@ def _facts(spec: DataSpec) -> Task:
             statements.append(example(idx, attribute, "statement", "train"))
             if attribute == held_out:
                 known_eval.append(example(idx, attribute, "qa", "known"))
+                if spec.facts_asked:  # trained like a statement: never cut by the cap
+                    statements.append(example(idx, attribute, "qa", "train"))
             else:
                 questions.append(example(idx, attribute, "qa", "train"))
     unknown_eval = [example(idx, rng.choice(attributes), "qa", "unknown") for idx in unknown]

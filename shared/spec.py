@@ -441,6 +441,10 @@ class DataSpec(_Section):
     """Fictional entities in the `facts` knowledge base."""
     facts_known_fraction: Float = Field(default=0.5, gt=0, lt=1)
     """Share of `facts` entities seen in training; questions on the rest invite made-up answers."""
+    facts_asked: bool = False
+    """facts: also train on the known lands' eval questions (recall of trained facts, the
+    GhostTrack setting); false holds them out, so a known answer must be inferred from its
+    statement, which small models trained from scratch rarely manage."""
     seed: Seed = 0
     """Seed for generating, shuffling and splitting the data (follows run.seed)."""
 

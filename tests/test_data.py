@@ -490,3 +490,16 @@ def test_errors_are_one_line(tmp_path: Path, make: Any, needle: str) -> None:
     assert needle in message
     assert "\n" not in message
     assert isinstance(info.value, DriftlabError) and info.value.exit_code == 2
+
+
+def test_facts_asked_trains_on_the_known_questions_and_only_those():
+    held_out = load_task(DataSpec(dataset="facts", facts_entities=20, train_samples=200))
+    asked = load_task(
+        DataSpec(dataset="facts", facts_entities=20, train_samples=200, facts_asked=True)
+    )
+    assert [e.id for e in asked.eval] == [e.id for e in held_out.eval]
+    for task, expect_known_trained in ((held_out, False), (asked, True)):
+        trained = {e.text for e in task.train}
+        for ex in task.eval:
+            answered_in_training = f"{ex.prompt} {ex.answer}" in trained
+            assert answered_in_training == (expect_known_trained and task.is_known(ex)), ex.id
