@@ -251,8 +251,7 @@ def test_clear_errors_missing_checkpoint_missing_sae_one_class(tmp_path, capsys)
 
 def test_detect_scores_every_answer_on_a_tiny_run(tmp_path):
     """A tiny `modular` run: a briefly trained model's sampled sums are right often
-    enough for both classes to occur (a tiny facts model needs minutes of training to
-    get any fact right, which `benchmarks/bench_detect.py` does)."""
+    enough for both classes to occur; the contract of every output, checked in full."""
     store = open_store(str(tmp_path / "store"))
     run_id = _trained(
         store,
@@ -326,3 +325,33 @@ def test_detect_scores_every_answer_on_a_tiny_run(tmp_path):
     # a rerun with the same inputs is cached
     assert stage_main([SAE_TRAIN, DETECT], ["detect", *_args(store, run_id)]) == 0
     assert store.get_json(layout.status_key(run_id, "detect"))["state"] == "cached"
+
+
+def test_tiny_facts_run_knows_the_trained_lands_and_invents_the_rest(tmp_path):
+    """`facts` with its known questions trained (data.facts_asked): both classes occur,
+    right answers come from known lands (unknown ones only by a lucky guess), and every
+    metric is finite."""
+    store = open_store(str(tmp_path / "store"))
+    run_id = _trained(
+        store,
+        {
+            "data.facts_entities": 16, "data.facts_asked": True, "data.train_samples": 80,
+            "data.eval_samples": 16, "extract.probe_samples": 16,
+            "train.steps": 300, "train.checkpoint_every": 300, "train.learning_rate": 3e-3,
+            "sae.batch_size": 32, "detect.samples": 16, "detect.num_samples": 4,
+            "detect.temperature": 1.0,
+        },
+    )  # fmt: skip
+    assert stage_main([SAE_TRAIN, DETECT], ["train", *_args(store, run_id)]) == 0
+    assert stage_main([SAE_TRAIN, DETECT], ["detect", *_args(store, run_id)]) == 0
+    rows = [json.loads(x) for x in store.get_text(layout.detect_scores_key(run_id)).splitlines()]
+    assert {"correct", "hallucinated"} <= {r["label"] for r in rows}
+    assert {r["known"] for r in rows} == {True, False}
+
+    def right(known: bool) -> float:  # share of right answers (a colour can be guessed)
+        group = [r for r in rows if r["known"] is known]
+        return sum(r["label"] == "correct" for r in group) / len(group)
+
+    assert right(True) >= 0.25 and right(False) <= 0.15
+    metrics = store.get_json(layout.detect_metrics_key(run_id))
+    assert all(math.isfinite(m["auroc"]) for m in metrics["scores"].values())
