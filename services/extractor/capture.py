@@ -96,15 +96,21 @@ class Capture:
         self._rows, self._positions = rows, positions
         self._out = [{} for _ in range(self.model.config.n_layer + 1)]
         final = self.model.transformer(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        logits = self.model.lm_head(final[rows, positions]).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        # Entropy and log-probabilities in few passes over [tokens, vocab] (memory-bound
+        # for a 50k vocabulary): with z = logits - max, e = exp(z) and s = sum(e),
+        # log p = z - log s and H = log s - <e, z> / s; no log_softmax tensor is made.
+        shifted = self.model.lm_head(final[rows, positions]).float()
+        shifted -= shifted.amax(-1, keepdim=True)
+        weights = shifted.exp()
+        total = weights.sum(-1)
+        log_total = total.log()
+        entropy = log_total - torch.linalg.vecdot(weights, shifted) / total
         has_next = positions + 1 < lengths[rows]
         next_id = torch.where(
             has_next,
             input_ids[rows, (positions + 1).clamp(max=time - 1)],
             torch.full_like(rows, -1),
         )
-        next_logp = logp.gather(1, next_id.clamp(min=0)[:, None])[:, 0]
+        next_logp = shifted.gather(1, next_id.clamp(min=0)[:, None])[:, 0] - log_total
         next_prob = torch.where(has_next, next_logp.exp(), torch.full_like(next_logp, float("nan")))
         return BatchOutput(self._out, entropy, next_prob, next_id)
