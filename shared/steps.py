@@ -8,7 +8,7 @@ fraction of a second instead of paying for importing PyTorch.
 from __future__ import annotations
 
 from shared import layout
-from shared.errors import InputMissing
+from shared.errors import ArtifactNotFound, InputMissing
 from shared.spec import RunSpec
 from shared.store import Store
 
@@ -59,3 +59,23 @@ def selected_steps(store: Store, run_id: str, spec: RunSpec, store_arg: str) -> 
             f"`python -m services.trainer --run {run_id} --store {store_arg}` first"
         )
     return steps
+
+
+def eval_metrics(store: Store, run_id: str, steps: list[int]) -> dict[int, dict[str, float]]:
+    """The numeric eval metrics each checkpoint's dynamics.json holds ({} where it has none).
+
+    OT aligns drift with them and the evaluator plots them and dates convergence by them.
+    """
+    metrics: dict[int, dict[str, float]] = {}
+    for step in steps:
+        try:
+            data = store.get_json(layout.checkpoint_dynamics_key(run_id, step))
+        except ArtifactNotFound:
+            data = {}
+        evals = data.get("eval") if isinstance(data, dict) else None
+        metrics[step] = {
+            name: value
+            for name, value in (evals if isinstance(evals, dict) else {}).items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+    return metrics

@@ -6,8 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import pytest
-
 from services.evaluator.__main__ import EVALUATE
 from services.evaluator.report import SECTION_IDS
 from shared import layout
@@ -21,13 +19,9 @@ FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"
-)
-
 
 def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM is not None
+    assert CHROMIUM is not None, "Debian's chromium is not installed (.ci/run installs it)"
     return subprocess.run(
         [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
         capture_output=True, text=True, timeout=120,

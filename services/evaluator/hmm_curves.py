@@ -15,7 +15,7 @@ import numpy as np
 
 from shared import layout
 from shared.errors import ArtifactNotFound
-from shared.steps import complete_steps
+from shared.steps import complete_steps, eval_metrics
 from shared.store import Store
 
 #: A run has converged once its metric has gone this share of the way from its first value
@@ -42,13 +42,9 @@ def load_curves(store: Store, run_id: str) -> list[Curve]:
         row = json.loads(line) if line.strip() else {}
         if isinstance(row.get("loss"), int | float) and "step" in row:
             points["train_loss"][int(row["step"])] = float(row["loss"])
-    for step in complete_steps(store, run_id):
-        try:
-            evals = store.get_json(layout.checkpoint_dynamics_key(run_id, step)).get("eval") or {}
-        except ArtifactNotFound:
-            continue
+    for step, evals in eval_metrics(store, run_id, complete_steps(store, run_id)).items():
         for name in ("eval_loss", "eval_accuracy"):
-            if isinstance(evals.get(name), int | float):
+            if name in evals:
                 points[name][step] = float(evals[name])
     curves = []
     for name, by_step in points.items():

@@ -19,7 +19,7 @@ from services.evaluator.explorer import explore
 from shared import layout
 from shared.errors import ArtifactNotFound, DriftlabError
 from shared.spec import RunSpec, model_sizes
-from shared.steps import complete_steps
+from shared.steps import complete_steps, eval_metrics
 from shared.store import Store
 
 OT_PLOTS = ("depth", "time", "step", "drift_vs_eval")
@@ -88,10 +88,7 @@ def training(report: Report, store: Store, run_id: str) -> list[int]:
     """Loss curve and per-checkpoint eval metrics; returns the checkpoint steps."""
     rows = _jsonl(store, layout.train_metrics_key(run_id))
     checkpoints = complete_steps(store, run_id)
-    evals = {
-        step: store.get_json(layout.checkpoint_dynamics_key(run_id, step)).get("eval", {})
-        for step in checkpoints
-    }
+    evals = eval_metrics(store, run_id, checkpoints)
     names = sorted({k for e in evals.values() for k, v in e.items() if isinstance(v, float)})
     series = {n: [evals[s].get(n) for s in checkpoints] for n in names}
     report.data["training"] = {

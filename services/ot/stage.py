@@ -26,10 +26,9 @@ from services.ot.drift import (
     total_problems,
 )
 from shared import layout
-from shared.errors import ArtifactNotFound
 from shared.spec import OTSpec
 from shared.stage import StageContext, resolve_device
-from shared.steps import selected_steps
+from shared.steps import eval_metrics, selected_steps
 from shared.store import Store
 
 PHASES_FORMAT = 1
@@ -128,22 +127,8 @@ def _metadata(ot: OTSpec, clouds: HiddenClouds) -> dict[str, str]:
 
 def _eval_series(store: Store, run_id: str, steps: list[int]) -> dict[str, list[float | None]]:
     """Numeric eval metrics of each checkpoint (None where a checkpoint lacks one)."""
-    per_step: list[dict[str, Any]] = []
-    for step in steps:
-        try:
-            data = store.get_json(layout.checkpoint_dynamics_key(run_id, step))
-        except ArtifactNotFound:
-            data = {}
-        evals = data.get("eval") if isinstance(data, dict) else None
-        per_step.append(evals if isinstance(evals, dict) else {})
-    names = sorted(
-        {
-            k
-            for e in per_step
-            for k, v in e.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-    )
+    per_step = list(eval_metrics(store, run_id, steps).values())
+    names = sorted({k for e in per_step for k in e})
     series: dict[str, list[float | None]] = {}
     for name in names:
         values = [e.get(name) for e in per_step]
