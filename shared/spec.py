@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Self, Union, get_args, get_origin
 
@@ -65,6 +65,7 @@ __all__ = [
     "flatten_spec",
     "load_spec",
     "model_sizes",
+    "parse_overrides",
     "parse_spec",
     "section_digest",
     "spec_from_dict",
@@ -93,6 +94,8 @@ _SEEDED_SECTIONS = ("data", "train", "extract", "ot", "sae", "detect", "evaluate
 
 #: numpy's RandomState refuses larger seeds; catching it here beats a crash mid-run.
 MAX_SEED = 2**32 - 1
+#: The built-in tokenizers' names (data.tokenizer may also be a folder).
+TOKENIZERS = ["byte", "numbers", "gpt2"]
 
 #: A run id is `<name>-<yyyymmdd-hhmmss>-<6 hex>` of at most 63 characters (shared/layout.py),
 #: so the name gets 63 - 23; a name that fits is used verbatim, never silently folded.
@@ -426,7 +429,9 @@ class DataSpec(_Section):
     hub_name: str | None = Field(default=None, min_length=1)
     """Hugging Face dataset name for gsm8k/tinystories; null uses the loader's default."""
     tokenizer: str = "byte"
-    """`byte` (256 symbols), `gpt2` (BPE), or a path to a folder with vocab.json + merges.txt."""
+    """`byte` (256 symbols), `numbers` (bytes plus one token per whole number 0..999, the
+    grokking papers' one-token operands and answers), `gpt2` (BPE), or a path to a folder
+    with vocab.json + merges.txt."""
     max_length: Int = Field(default=64, gt=0)
     """Tokens per sequence (longer samples are truncated); at most model n_positions."""
     train_samples: Int = Field(default=2000, gt=0)
@@ -452,11 +457,11 @@ class DataSpec(_Section):
     @classmethod
     def _check_tokenizer(cls, value: str) -> str:
         """A bare word other than byte/gpt2 is almost surely a typo, not a folder name."""
-        if value in ("byte", "gpt2") or "/" in value or value.startswith((".", "~")):
+        if value in TOKENIZERS or "/" in value or value.startswith((".", "~")):
             return value
-        hint = difflib.get_close_matches(value, ["byte", "gpt2"], n=1)
+        hint = difflib.get_close_matches(value, TOKENIZERS, n=1)
         raise _problem(
-            f"must be byte, gpt2 or a path to a tokenizer folder (write ./{value} for a "
+            f"must be byte, numbers, gpt2 or a path to a tokenizer folder (write ./{value} for a "
             f"folder here); got {_show(value)}" + (f" (did you mean {hint[0]}?)" if hint else "")
         )
 
@@ -1388,6 +1393,20 @@ def apply_overrides(
             ):
                 section["seed"] = None
     return spec_from_dict(data, source)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs (a benchmark's `--set`) as overrides; values are read as YAML."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {pair}: expected KEY=VALUE, e.g. train.steps=100")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SpecError(f"--set {pair}: the value is not valid YAML") from None
+    return out
 
 
 def _check_override_path(parts: list[str], path: str, source: str) -> None:

@@ -5,6 +5,9 @@ Why it is built this way:
 - `byte` needs no files and no network, so the tiny CPU run, the tests and a cluster pod
   without hub access all work out of the box: ids 0..255 are UTF-8 bytes, 256 is
   `<|endoftext|>` and 257 `<|pad|>`.
+- `numbers` is `byte` plus one token per whole number 0..999, so `a+b=c` of the modular
+  task is five tokens with a one-token answer, as in the grokking papers; a byte-level
+  answer is several digits predicted in turn, a different (and slower to grok) task.
 - `gpt2` (or a local folder) wraps a Hugging Face fast tokenizer; the rest of driftlab only
   sees `encode`/`decode`/`encode_batch` and the special ids, never a transformers object.
 - transformers 5.x silently builds an *empty* GPT-2 tokenizer when handed the old
@@ -18,6 +21,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -34,6 +38,7 @@ __all__ = [
     "BYTE_PAD_ID",
     "ByteTokenizer",
     "HFTokenizer",
+    "NumberTokenizer",
     "Tokenizer",
     "load_tokenizer",
 ]
@@ -44,6 +49,9 @@ EOS_TEXT = "<|endoftext|>"
 PAD_TEXT = "<|pad|>"
 #: Written by `ByteTokenizer.save`, so `load_tokenizer(folder)` knows the folder holds one.
 BYTE_MARKER_FILE = "driftlab_tokenizer.json"
+#: `numbers` has one token for each whole number below this, after the byte ids.
+NUMBER_LIMIT = 1000
+_NUMBER = re.compile(r"0|[1-9][0-9]*")
 #: The Hugging Face hub name `load_tokenizer("gpt2")` loads.
 GPT2_HUB_NAME = "gpt2"
 #: Fewer entries than this from `gpt2` means the load went wrong (the real one has 50257).
@@ -120,7 +128,45 @@ class ByteTokenizer(Tokenizer):
     def save(self, folder: str | Path) -> None:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        (out / BYTE_MARKER_FILE).write_text(json.dumps({"type": "byte"}) + "\n", encoding="utf-8")
+        kind = "numbers" if isinstance(self, NumberTokenizer) else "byte"
+        (out / BYTE_MARKER_FILE).write_text(json.dumps({"type": kind}) + "\n", encoding="utf-8")
+
+
+class NumberTokenizer(ByteTokenizer):
+    """Bytes, plus one id per whole number 0..NUMBER_LIMIT-1 (ids 258 and up).
+
+    A digit run becomes one token only when it is a number written the usual way (no
+    leading zero) and below the limit; any other digits stay bytes, so every string still
+    encodes and `decode(encode(text)) == text`.
+    """
+
+    def __init__(self, name: str = "numbers") -> None:
+        super().__init__(name)
+        self.vocab_size = BYTE_PAD_ID + 1 + NUMBER_LIMIT
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        start = 0
+        for match in re.finditer(r"[0-9]+", text):
+            digits = match.group()
+            if _NUMBER.fullmatch(digits) and int(digits) < NUMBER_LIMIT:
+                ids += super().encode(text[start : match.start()])
+                ids.append(BYTE_PAD_ID + 1 + int(digits))
+                start = match.end()
+        return ids + super().encode(text[start:])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        parts: list[str] = []
+        run: list[int] = []
+        for token in ids:
+            number = token - BYTE_PAD_ID - 1
+            if 0 <= number < NUMBER_LIMIT:
+                parts += [super().decode(run), str(number)]
+                run = []
+            else:
+                run.append(token)
+        parts.append(super().decode(run))
+        return "".join(parts)
 
 
 class HFTokenizer(Tokenizer):
@@ -169,7 +215,7 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(name: str) -> Tokenizer:
-    """The tokenizer `data.tokenizer` names: `byte`, `gpt2` (hub) or a local folder.
+    """The tokenizer `data.tokenizer` names: `byte`, `numbers`, `gpt2` (hub) or a folder.
 
     A folder may hold what `Tokenizer.save` wrote, a saved Hugging Face tokenizer
     (tokenizer.json / tokenizer_config.json), or GPT-2's vocab.json + merges.txt.
@@ -177,6 +223,8 @@ def load_tokenizer(name: str) -> Tokenizer:
     """
     if name == "byte":
         return ByteTokenizer()
+    if name == "numbers":
+        return NumberTokenizer()
     if name == "gpt2":
         return _checked(name, _hf_load(name, GPT2_HUB_NAME, hub=True), GPT2_MIN_VOCAB)
     folder = Path(name).expanduser().resolve()  # absolute: never mistaken for a hub id
@@ -186,7 +234,8 @@ def load_tokenizer(name: str) -> Tokenizer:
             "with vocab.json + merges.txt (or a saved Hugging Face tokenizer)"
         )
     if (folder / BYTE_MARKER_FILE).is_file():
-        return ByteTokenizer(name)
+        kind = json.loads((folder / BYTE_MARKER_FILE).read_text(encoding="utf-8")).get("type")
+        return NumberTokenizer(name) if kind == "numbers" else ByteTokenizer(name)
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
         return _checked(name, _hf_load(name, str(folder)), MIN_VOCAB)
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():

@@ -226,7 +226,7 @@ def test_cli_show_round_trips(tmp_path):
             "model.n_embd: n_embd 100 is not divisible by n_head 3",
         ),
         ("model:\n  init: pretrained\n", "model.pretrained: init: pretrained needs the weights"),
-        ("data:\n  tokenizer: bytes\n", "data.tokenizer: must be byte, gpt2 or a path"),
+        ("data:\n  tokenizer: bytes\n", "data.tokenizer: must be byte, numbers, gpt2 or a path"),
         ("data:\n  dataset: text\n", "data.path: dataset text needs data.path"),
         ("data:\n  path: x.txt\n", "data.path: dataset arithmetic is generated"),
         ("sae:\n  arch: topk\n", "sae.k: arch topk needs k"),

@@ -1,4 +1,4 @@
-"""Tokenizers: the offline byte tokenizer, GPT-2 BPE from local files, and their errors.
+"""Tokenizers: the offline byte and numbers tokenizers, GPT-2 BPE from local files, and their errors.
 
 The GPT-2 files are read from the reference data beside the checkout (never copied into
 the project); the hub is never contacted.
@@ -16,8 +16,10 @@ from shared.errors import DriftlabError
 from shared.tokenizer import (
     BYTE_EOS_ID,
     BYTE_PAD_ID,
+    NUMBER_LIMIT,
     ByteTokenizer,
     HFTokenizer,
+    NumberTokenizer,
     Tokenizer,
     load_tokenizer,
 )
@@ -59,6 +61,27 @@ def test_byte_save_and_reload(tmp_path: Path) -> None:
     assert isinstance(again, ByteTokenizer)
     assert again.encode(MIXED) == ByteTokenizer().encode(MIXED)
     assert again.name == str(tmp_path / "tok")
+
+
+def test_numbers_tokenizer_gives_whole_numbers_one_token_and_round_trips() -> None:
+    tok = load_tokenizer("numbers")
+    assert isinstance(tok, NumberTokenizer) and tok.vocab_size == 258 + NUMBER_LIMIT
+    number = 258
+    # The modular task's a+b=c is five tokens: operand, '+', operand, '=', answer.
+    assert tok.encode("12+101=0") == [number + 12, ord("+"), number + 101, ord("="), number]
+    # Leading zeros and numbers past the limit stay bytes, so nothing is lost.
+    for text in ("007", "x1000y", "999 1000", MIXED, "3.14", ""):
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("007") == list(b"007") and tok.encode("1000") == list(b"1000")
+    assert tok.encode("999") == [number + 999]
+    assert tok.decode([number + 42, BYTE_EOS_ID, 104]) == "42<|endoftext|>h"
+    assert tok.decode([number + NUMBER_LIMIT]) == "\ufffd"  # beyond the vocabulary
+
+
+def test_numbers_save_and_reload(tmp_path: Path) -> None:
+    NumberTokenizer().save(tmp_path / "tok")
+    again = load_tokenizer(str(tmp_path / "tok"))
+    assert isinstance(again, NumberTokenizer) and again.encode("7+8=") == [265, 43, 266, 61]
 
 
 def test_gpt2_from_local_files(gpt2: Tokenizer) -> None:
