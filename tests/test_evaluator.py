@@ -165,3 +165,22 @@ def test_report_and_compare_commands(store, capsys):
     rows = store.get_json(layout.comparison_key([run_a, run_b], "compare.json"))
     assert rows[0]["auroc_detector"] is not None and "auroc_detector" not in rows[1]
     assert rows[0]["sae_ev@0.5"] == 0.8 and rows[0]["drift_change_points"] == 1
+
+
+def test_report_shows_the_ensemble_hmm_of_driftlab_hmm_and_keeps_it(store, capsys):
+    run_a = make_run(store, seed=0, sae=False, detect=False)
+    run_b = make_run(store, seed=1, sae=False, detect=False)
+    assert _evaluate(store, run_a) == 0  # the evaluator's own single-run fit comes first
+    single = store.get_json(layout.evaluate_hmm_key(run_a, "analysis.json"))
+    assert list(single["runs"]) == [run_a]
+    assert cli_main(["hmm", "--runs", run_a, run_b, "--store", store.url, "--restarts", "1"]) == 0
+    ensemble = store.get_json(layout.evaluate_hmm_key(run_a, "analysis.json"))
+    assert cli_main(["report", run_a, "--store", store.url]) == 0
+    capsys.readouterr()
+    # Rebuilding the report reuses the two-run fit instead of overwriting it.
+    assert store.get_json(layout.evaluate_hmm_key(run_a, "analysis.json")) == ensemble
+    report = store.get_json(layout.evaluate_report_json_key(run_a))
+    assert report["hmm"]["ensemble_of"] == sorted([run_a, run_b])
+    assert report["phases"]["sources"]["hmm"] == ensemble["state_changes"][run_a]
+    html = store.get_text(layout.evaluate_report_html_key(run_a))
+    assert "over 2 runs" in html and "<svg" in html

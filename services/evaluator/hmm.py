@@ -54,6 +54,7 @@ from shared.store import Store
 
 __all__ = [
     "HMMAnalysis",
+    "load_ensemble",
     "load_hmm_model",
     "run_hmm",
     "save_hmm",
@@ -278,6 +279,25 @@ def save_hmm(store: Store, run_id: str, analysis: HMMAnalysis) -> list[str]:
     store.put_bytes(key(CURVES_NAME), state_curves_png(analysis, store))
     store.put_json(key(ANALYSIS_NAME), analysis.to_json())
     return keys
+
+
+def load_ensemble(store: Store, run_id: str) -> tuple[dict[str, Any], str, bytes] | None:
+    """The analysis, graph and curves `driftlab hmm` saved for this run and others, if any.
+
+    A fit over a sweep's runs sees every seed's phases and is the better model of this
+    run's; a report rebuilt after `driftlab hmm` shows it instead of refitting the run
+    alone over it. A single-run analysis is not returned: it is the evaluator's own, and
+    refitting it is cheap and always current.
+    """
+    if not store.exists(layout.evaluate_hmm_key(run_id, ANALYSIS_NAME)):
+        return None
+    body: dict[str, Any] = store.get_json(layout.evaluate_hmm_key(run_id, ANALYSIS_NAME))
+    runs = body.get("runs", {})
+    if len(runs) < 2 or run_id not in runs:
+        return None
+    svg = store.get_text(layout.evaluate_hmm_key(run_id, GRAPH_NAME))
+    png = store.get_bytes(layout.evaluate_hmm_key(run_id, CURVES_NAME))
+    return body, svg, png
 
 
 def load_hmm_model(store: Store, run_id: str, name: str = MODEL_NAME) -> GaussianHMM:

@@ -202,7 +202,10 @@ def _hmm(r: Report) -> str:
     rows = [[t["from"], t["to"], t.get("count"), t.get("probability"),
              ", ".join(map(str, t.get("top_features", [])[:3]))] for t in h.get("transitions", [])]  # fmt: skip
     return (
-        f"<p>{h.get('n_states')} states, selected by {escape(str(h.get('selected_by')))}.</p>"
+        f"<p>{h.get('n_states')} states, selected by {escape(str(h.get('selected_by')))}"
+        + (f"; fitted by <code>driftlab hmm</code> over {len(h['ensemble_of'])} runs: "
+           + escape(", ".join(h["ensemble_of"])) if "ensemble_of" in h else ", on this run alone")
+        + ".</p>"
         + r.svgs.get("hmm_graph", "")
         + (_img(r.figures["hmm_curves"], "curves coloured by state") if "hmm_curves" in r.figures else "")
         + _table(["from", "to", "count", "probability", "top features"], rows)

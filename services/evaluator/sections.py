@@ -197,7 +197,11 @@ def detection(report: Report, store: Store, run_id: str, spec: RunSpec) -> None:
 
 
 def hmm(report: Report, store: Store, run_id: str, spec: RunSpec) -> dict[str, list[int]] | None:
-    """The HMM of this run's training dynamics; its state changes, or None when absent."""
+    """The HMM of this run's training dynamics; its state changes, or None when absent.
+
+    The model is the one `driftlab hmm` fitted to this run with others (a sweep's seeds)
+    when there is one, else a fit of this run alone.
+    """
     try:
         from services.evaluator import hmm as hmm_module
     except ModuleNotFoundError as err:
@@ -205,6 +209,14 @@ def hmm(report: Report, store: Store, run_id: str, spec: RunSpec) -> dict[str, l
             raise
         report.absent["hmm"] = "the HMM analysis (services/evaluator/hmm.py) is not installed"
         return None
+    ensemble = hmm_module.load_ensemble(store, run_id)
+    if ensemble is not None:
+        body, svg, png = ensemble
+        report.data["hmm"] = {**body, "ensemble_of": sorted(body["runs"])}
+        report.svgs["hmm_graph"] = svg
+        report.figures["hmm_curves"] = png
+        ensemble_changes: dict[str, list[int]] = body.get("state_changes", {})
+        return ensemble_changes
     try:
         analysis = hmm_module.run_hmm(store, [run_id], spec.hmm)
     except DriftlabError as err:
