@@ -7,6 +7,10 @@ ran, in which order, with which parameters, and how often.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -307,3 +311,48 @@ def test_unresolvable_references_are_clear_errors(tmp_path):
             workers=1,
             log_dir=tmp_path / "l2",
         )
+
+
+def test_sigterm_to_driftlab_stops_its_tasks_too(tmp_path):
+    """A killed `driftlab run` must not leave its tasks (own sessions) training on."""
+    journal = tmp_path / "journal"
+    pid_file = tmp_path / "task.pid"
+    templates = {
+        "slow": _script(
+            f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+        ),
+        "exit": _script(_note(journal, "exit {sys.argv[1]}"), inputs=[]),
+    }
+    templates["exit"]["container"]["args"] = ["{{workflow.status}}"]
+    manifest = tmp_path / "workflow.json"
+    manifest.write_text(
+        json.dumps(_workflow([{"name": "slow", "template": "slow"}], templates, on_exit="exit"))
+    )
+    driver = (
+        "import json, pathlib; from workflows.local import run_workflow; "
+        f"run_workflow(json.load(open({str(manifest)!r})), workers=1, "
+        f"log_dir=pathlib.Path({str(tmp_path / 'logs')!r}))"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        if parent.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the task never started: {parent.communicate()[1].decode()}")
+        time.sleep(0.1)
+    task_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=20)
+    assert parent.returncode != 0
+    gone_by = time.monotonic() + 10
+    while _alive(task_pid):
+        assert time.monotonic() < gone_by, "the task outlived its workflow"
+        time.sleep(0.1)
+    assert _lines(journal) == ["exit Failed"]  # the exit handler still ran
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -16,11 +16,13 @@ non-zero (retried under `OnFailure`/`Always`) and Error when it is killed by a s
 (retried under `OnError`/`OnTransientError`/`Always`); `limit` retries follow the first
 attempt. The first failure nobody handles (no `continueOn`, no `X.Failed` dependency)
 stops the run: running tasks get SIGTERM, nothing new starts, and the exit handler runs
-with `workflow.status` Failed.
+with `workflow.status` Failed. Ctrl-C or a SIGTERM to this process (kill, `timeout`, a
+pod's shutdown) does the same, so no task trains on after its workflow is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,9 +33,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 from shared.errors import DriftlabError
@@ -168,6 +171,8 @@ class _Executor:
         self.slots = threading.BoundedSemaphore(workers)
         self.stop = threading.Event()
         self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []  # every task thread, to wait for on abort
+        self.procs: set[subprocess.Popen[bytes]] = set()  # the task processes running now
         self.nodes: list[Node] = []
         self.failed: Node | None = None
         self.report = reporter or (lambda _node: None)
@@ -182,15 +187,32 @@ class _Executor:
                 f"workflow {self.name}: entrypoint {self.entrypoint!r} is not a template"
             )
         try:
-            phase = self._run_template(self.entrypoint, self.entrypoint, self.arguments)
+            with _sigterm_as_interrupt():
+                phase = self._run_template(self.entrypoint, self.entrypoint, self.arguments)
         except KeyboardInterrupt:
-            self.stop.set()
+            self._abort()
             phase = FAILED
             self._finish(phase)
             raise
         status = SUCCEEDED if phase in (SUCCEEDED, SKIPPED, OMITTED) else FAILED
         self._finish(status)
         return RunResult(status, list(self.nodes), self.failed, self.log_dir)
+
+    def _abort(self) -> None:
+        """Ctrl-C or SIGTERM: every running task gets SIGTERM and its thread ends.
+
+        All before the exit handler runs: it clears `stop`, and a task thread that had not
+        yet seen it set would then wait on (or retry) its task instead of ending it.
+        """
+        self.stop.set()
+        with self.lock:
+            procs = list(self.procs)
+        for proc in procs:
+            _terminate(proc)
+        with self.lock:
+            threads = list(self.threads)
+        for thread in threads:
+            thread.join(timeout=_TERM_GRACE_S)
 
     def _finish(self, status: str) -> None:
         if not self.on_exit:
@@ -298,6 +320,8 @@ class _Executor:
                         target=run_task, args=(task, task_scope), name=name, daemon=True
                     )
                     threads.append(thread)
+                    with self.lock:
+                        self.threads.append(thread)
                     thread.start()
             if decided or len(phases) == len(tasks):
                 continue
@@ -344,6 +368,8 @@ class _Executor:
             threading.Thread(target=one, args=(i, item), daemon=True)
             for i, item in enumerate(items)
         ]
+        with self.lock:
+            self.threads.extend(threads)
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -464,29 +490,62 @@ class _Executor:
                 )
             except OSError as err:
                 return ERROR, f"cannot start {argv[0]}: {err.strerror or err}"
-            limit = time.monotonic() + float(deadline) if deadline else None
-            while True:
-                try:
-                    code = proc.wait(timeout=_POLL_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if self.stop.is_set():
-                    _terminate(proc)
-                    return STOPPED, "stopped after another task failed"
-                if limit is not None and time.monotonic() > limit:
-                    _terminate(proc)
-                    return FAILED, f"exceeded activeDeadlineSeconds ({deadline})"
+            with self.lock:
+                self.procs.add(proc)
+            try:
+                code = self._wait(proc, deadline)
+            finally:
+                with self.lock:
+                    self.procs.discard(proc)
+        if isinstance(code, tuple):
+            return code
         if code == 0:
             return SUCCEEDED, ""
         if code < 0:
             return ERROR, f"killed by {signal.Signals(-code).name}"
         return FAILED, f"exit code {code}"
 
+    def _wait(self, proc: subprocess.Popen[bytes], deadline: Any) -> int | tuple[str, str]:
+        """The task's exit code, or the phase and message when it was stopped."""
+        limit = time.monotonic() + float(deadline) if deadline else None
+        while True:
+            try:
+                return proc.wait(timeout=_POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.stop.is_set():
+                _terminate(proc)
+                return STOPPED, "stopped after another task failed"
+            if limit is not None and time.monotonic() > limit:
+                _terminate(proc)
+                return FAILED, f"exceeded activeDeadlineSeconds ({deadline})"
+
     def _fail(self, node: Node) -> None:
         with self.lock:
             if self.failed is None:
                 self.failed = node
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, so it stops the tasks as Ctrl-C does.
+
+    Tasks run in their own sessions (a terminal's Ctrl-C must reach driftlab, not them), so
+    a SIGTERM that ended this process without this would leave them running, orphaned.
+    Signal handlers can only be set from the main thread; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
