@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint format bench clean images push helm helm-templates \
+.PHONY: install demo test test-slow lint format bench bench-science clean images push helm helm-templates \
         dashboards kind-up kind-demo kind-down
 
 install: $(STAMP)
@@ -41,8 +41,15 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Speed: each stage against its reference, side by side (minutes on a CPU).
 bench: install
-	@for b in benchmarks/bench_*.py; do $(PY) $$b || exit $$?; done
+	@for b in train dynamics extract ot sae; do $(PY) benchmarks/bench_$$b.py || exit $$?; done
+
+# Science: detection AUROC (facts-detect) and grokking's transition against drift and HMM
+# states (three seeds of configs/grokking.yaml: hours on a CPU, minutes on a GPU).
+bench-science: install
+	$(PY) benchmarks/bench_detect.py
+	$(PY) benchmarks/bench_grokking.py
 
 # -- deployment ----------------------------------------------------------------------
 # Images: <REGISTRY>/driftlab-<service>:<TAG> (VARIANT=gpu) or :<TAG>-cpu (VARIANT=cpu), all

@@ -19,9 +19,6 @@ import json
 import sys
 import tempfile
 import time
-from typing import Any
-
-import yaml
 
 from services.extractor.__main__ import EXTRACT
 from services.sae.__main__ import DETECT
@@ -29,19 +26,11 @@ from services.sae.__main__ import TRAIN as SAE_TRAIN
 from services.trainer.__main__ import TRAIN
 from shared import layout
 from shared.registry import create_run
-from shared.spec import apply_overrides, load_spec
+from shared.spec import apply_overrides, load_spec, parse_overrides
 from shared.stage import load_run_spec, stage_main
 from shared.store import open_store
 
 GHOSTTRACK_TARGET_AUROC = 0.90
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_run_spec(store, args.run)
         run_id = args.run
     else:
-        spec = apply_overrides(load_spec(args.spec), _overrides(args.set))
+        spec = apply_overrides(load_spec(args.spec), parse_overrides(args.set))
         run_id = create_run(store, spec)
     common = ["--run", run_id, "--store", store.url, "--device", args.device]
     seconds: dict[str, float] = {}

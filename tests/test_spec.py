@@ -22,6 +22,7 @@ from shared.spec import (
     flatten_spec,
     load_spec,
     model_sizes,
+    parse_overrides,
     parse_spec,
     section_digest,
     spec_from_dict,
@@ -412,3 +413,14 @@ def test_apply_overrides_rejects(overrides, expected):
     with pytest.raises(SpecError) as info:
         apply_overrides(RunSpec(), overrides)
     assert expected in str(info.value)
+
+
+def test_parse_overrides_reads_yaml_values_and_rejects_bad_pairs():
+    assert parse_overrides(["train.steps=100", "train.betas=[0.9, 0.98]", "run.notes=a=b"]) == {
+        "train.steps": 100,
+        "train.betas": [0.9, 0.98],
+        "run.notes": "a=b",
+    }
+    for bad, words in (("train.steps", "expected KEY=VALUE"), ("x=[1", "not valid YAML")):
+        with pytest.raises(SpecError, match=words):
+            parse_overrides([bad])

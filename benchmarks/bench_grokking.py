@@ -1,0 +1,170 @@
+"""Benchmark (science): does drift tracking find grokking's phase transition, on time?
+
+Registers the grokking sweep (default configs/grokking.yaml under
+configs/sweeps/grokking-seeds.yaml: three seeds) in a store, carries each run through its
+whole workflow here (train -> extract -> ot -> sae -> evaluate, as `driftlab sweep --local`
+does), fits one HMM of training phases over the seeds (`driftlab hmm`), rebuilds each
+run's report with it, and prints JSON lines:
+
+- one per run: the step at which test accuracy crosses 50% (`grok_step`; grokking is the
+  jump from memorised-train-only to generalising), the accuracy jumps, OT change points and
+  HMM state changes the report's phase-agreement section found, and, for OT and HMM, the
+  boundary nearest the grok step with its offset in checkpoints (negative: earlier);
+- a summary: how many runs grokked, and in how many of them OT and the HMM put a
+  boundary within `evaluate.phase_tolerance` checkpoints of the grok step.
+
+The reference is the test-accuracy jump itself, measured in the same runs: the offsets
+are the comparison. configs/grokking.yaml is the paper's size (p=113, 20k full-batch
+steps): hours per seed on a CPU, minutes on a GPU. configs/grokking-cpu.yaml is a smaller
+modulus that groks on a laptop. --runs skips training and analyses runs already in
+--store.
+
+Usage: python benchmarks/bench_grokking.py [--spec configs/grokking.yaml]
+       [--sweep configs/sweeps/grokking-seeds.yaml] [--store DIR] [--set key=value ...]
+       [--runs RUN_ID ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from services.evaluator.agreement import checkpoint_index
+from shared import layout
+from shared.cli import main as driftlab
+from shared.errors import DriftlabError
+from shared.registry import create_run
+from shared.spec import apply_overrides, load_spec, parse_overrides
+from shared.stage import load_run_spec
+from shared.store import Store, open_store
+from shared.sweep import expand, load_sweep, run_local
+
+#: Test accuracy a run must reach to count as having grokked; the step it does is the
+#: transition's reference point.
+GROKKED_ACCURACY = 0.5
+
+
+def grok_step(checkpoints: Sequence[int], accuracy: Sequence[float | None]) -> int | None:
+    """The first checkpoint at which test accuracy reaches GROKKED_ACCURACY."""
+    for step, value in zip(checkpoints, accuracy, strict=True):
+        if value is not None and value >= GROKKED_ACCURACY:
+            return int(step)
+    return None
+
+
+def nearest(
+    checkpoints: Sequence[int], boundaries: Sequence[int] | None, step: int
+) -> dict[str, Any] | None:
+    """The boundary nearest to `step` and its signed offset in checkpoints."""
+    if not boundaries:
+        return None
+    at = checkpoint_index(checkpoints, step)
+    best = min(boundaries, key=lambda b: (abs(checkpoint_index(checkpoints, b) - at), b))
+    return {"step": best, "offset_checkpoints": checkpoint_index(checkpoints, best) - at}
+
+
+def run_sweep(store: Store, spec_path: str, sweep_path: str, sets: list[str]) -> list[str]:
+    """Register the sweep's runs and carry each through its workflow here, in order."""
+    base = apply_overrides(load_spec(spec_path), parse_overrides(sets))
+    run_ids = [create_run(store, spec) for spec in expand(base, load_sweep(sweep_path))]
+    for i, run_id in enumerate(run_ids, 1):
+        start = time.monotonic()
+        print(f"[{i}/{len(run_ids)}] {run_id}", file=sys.stderr, flush=True)
+        if run_local(run_id, store.url):
+            raise DriftlabError(f"run {run_id} failed; see the log folder printed above")
+        print(f"{run_id}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    return run_ids
+
+
+def analyse(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
+    """Fit the HMM over all runs, rebuild their reports, and read each one's phases."""
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is this benchmark's JSON lines
+        if driftlab(["hmm", "--runs", *run_ids, "--store", store.url]):
+            raise DriftlabError("driftlab hmm failed (its error is above)")
+        for run_id in run_ids:
+            if driftlab(["report", run_id, "--store", store.url]):
+                raise DriftlabError(f"driftlab report {run_id} failed (its error is above)")
+    lines = []
+    for run_id in run_ids:
+        report = store.get_json(layout.evaluate_report_json_key(run_id))
+        phases = report["phases"]
+        checkpoints = phases["checkpoints"]
+        accuracy = report["training"]["eval"].get("eval_accuracy") or [None] * len(checkpoints)
+        sources = phases["sources"]
+        grok = grok_step(checkpoints, accuracy)
+        line: dict[str, Any] = {
+            "case": "grokking",
+            "run_id": run_id,
+            "seed": load_run_spec(store, run_id).run.seed,
+            "checkpoints": len(checkpoints),
+            "final_test_accuracy": accuracy[-1],
+            "grok_step": grok,
+            "accuracy_jumps": sources.get("accuracy"),
+            "ot_change_points": sources.get("ot"),
+            "hmm_state_changes": sources.get("hmm"),
+            "hmm_states": report.get("hmm", {}).get("n_states"),
+        }
+        for name in ("ot", "hmm"):
+            line[f"{name}_nearest"] = (
+                None if grok is None else nearest(checkpoints, sources.get(name), grok)
+            )
+        line["tolerance_checkpoints"] = phases["tolerance_checkpoints"]
+        lines.append(line)
+    return lines
+
+
+def summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
+    grokked = [line for line in lines if line["grok_step"] is not None]
+
+    def within(name: str) -> int:
+        return sum(
+            1
+            for line in grokked
+            if line[f"{name}_nearest"] is not None
+            and abs(line[f"{name}_nearest"]["offset_checkpoints"]) <= line["tolerance_checkpoints"]
+        )
+
+    return {
+        "case": "grokking-summary",
+        "runs": len(lines),
+        "grokked": len(grokked),
+        "grok_steps": [line["grok_step"] for line in lines],
+        "ot_within_tolerance": within("ot"),
+        "hmm_within_tolerance": within("hmm"),
+        "ot_offsets_checkpoints": [
+            (line["ot_nearest"] or {}).get("offset_checkpoints") for line in grokked
+        ],
+        "hmm_offsets_checkpoints": [
+            (line["hmm_nearest"] or {}).get("offset_checkpoints") for line in grokked
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--spec", default="configs/grokking.yaml")
+    parser.add_argument("--sweep", default="configs/sweeps/grokking-seeds.yaml")
+    parser.add_argument("--store", help="store URL or folder (default: a temporary folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--runs", nargs="+", metavar="RUN_ID", help="analyse these runs only")
+    args = parser.parse_args(argv)
+    store = open_store(args.store or tempfile.mkdtemp(prefix="bench-grokking-"))
+    try:
+        run_ids = args.runs or run_sweep(store, args.spec, args.sweep, args.set)
+        lines = analyse(store, run_ids)
+    except DriftlabError as err:
+        print(f"bench_grokking: {err}", file=sys.stderr)
+        return 1
+    for line in [*lines, summary(lines)]:
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

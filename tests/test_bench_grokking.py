@@ -1,0 +1,53 @@
+"""benchmarks/bench_grokking.py: the grok step, the nearest boundaries and their offsets,
+read back from real reports of two synthetic runs whose accuracy, drift and dynamics all
+jump at the same step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.store import open_store
+from tests.evaluator_run import JUMP_AT, STEPS, make_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_grokking", ROOT / "benchmarks" / "bench_grokking.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_grokking"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grok_step_and_nearest_boundary(bench):
+    steps = [0, 100, 200, 300, 400]
+    assert bench.grok_step(steps, [0.0, 0.1, None, 0.5, 0.9]) == 300
+    assert bench.grok_step(steps, [0.0, 0.1, 0.2, 0.3, 0.49]) is None
+    assert bench.nearest(steps, [100, 420], 300) == {"step": 420, "offset_checkpoints": 1}
+    assert bench.nearest(steps, [200, 400], 300) == {"step": 200, "offset_checkpoints": -1}
+    assert bench.nearest(steps, [], 300) is None
+
+
+def test_analyse_two_runs_lines_up_accuracy_drift_and_hmm(bench, tmp_path, capsys):
+    store = open_store(tmp_path / "store")
+    run_ids = [make_run(store, seed=s, sae=False, detect=False) for s in (0, 1)]
+    assert bench.main(["--store", store.url, "--runs", *run_ids]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    runs, summary = lines[:-1], lines[-1]
+    assert [line["run_id"] for line in runs] == run_ids
+    for line in runs:
+        assert line["grok_step"] == JUMP_AT and line["checkpoints"] == len(STEPS)
+        assert line["ot_nearest"] == {"step": JUMP_AT, "offset_checkpoints": 0}
+        assert line["hmm_nearest"]["offset_checkpoints"] == 0 and line["hmm_states"] >= 2
+    assert summary["grokked"] == 2 and summary["ot_within_tolerance"] == 2
+    assert summary["hmm_within_tolerance"] == 2 and summary["grok_steps"] == [JUMP_AT] * 2
