@@ -123,7 +123,8 @@ def test_a_run_killed_during_extraction_resumes_with_finished_stages_cached(tmp_
     while not store.exists(layout.probe_key(run_id)) and proc.poll() is None:
         assert time.monotonic() < deadline, "extraction never started"
         time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGINT)
+    # SIGTERM, not SIGINT: a CI job started in the background inherits SIGINT ignored.
+    os.kill(proc.pid, signal.SIGTERM)
     proc.communicate(timeout=120)
     assert not store.exists(layout.evaluate_done_key(run_id))
 
