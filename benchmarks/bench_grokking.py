@@ -8,8 +8,10 @@ run's report with it, and prints JSON lines:
 
 - one per run: the step at which test accuracy crosses 50% (`grok_step`; grokking is the
   jump from memorised-train-only to generalising), the accuracy jumps, OT change points and
-  HMM state changes the report's phase-agreement section found, and, for OT and HMM, the
-  boundary nearest the grok step with its offset in checkpoints (negative: earlier);
+  HMM state changes the report's phase-agreement section found, the OT change points whose
+  size exceeds the same-token drift baseline (`ot_significant`: the rest are within
+  noise), and, for each of OT, significant OT and HMM, the boundary nearest the grok step
+  with its offset in checkpoints (negative: earlier);
 - a summary: how many runs grokked, and in how many of them OT and the HMM put a
   boundary within `evaluate.phase_tolerance` checkpoints of the grok step.
 
@@ -45,6 +47,8 @@ from shared.stage import load_run_spec
 from shared.store import Store, open_store
 from shared.sweep import expand, load_sweep, run_local
 
+#: The boundaries compared with the grok step.
+SOURCES = ("ot", "ot_significant", "hmm")
 #: Test accuracy a run must reach to count as having grokked; the step it does is the
 #: transition's reference point.
 GROKKED_ACCURACY = 0.5
@@ -96,7 +100,11 @@ def analyse(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
         phases = report["phases"]
         checkpoints = phases["checkpoints"]
         accuracy = report["training"]["eval"].get("eval_accuracy") or [None] * len(checkpoints)
-        sources = phases["sources"]
+        sources = dict(phases["sources"])
+        if "ot" in sources:
+            sources["ot_significant"] = [
+                int(c["step"]) for c in report["drift"]["change_points"] if c["exceeds_baseline"]
+            ]
         grok = grok_step(checkpoints, accuracy)
         line: dict[str, Any] = {
             "case": "grokking",
@@ -107,10 +115,11 @@ def analyse(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
             "grok_step": grok,
             "accuracy_jumps": sources.get("accuracy"),
             "ot_change_points": sources.get("ot"),
+            "ot_significant": sources.get("ot_significant"),
             "hmm_state_changes": sources.get("hmm"),
             "hmm_states": report.get("hmm", {}).get("n_states"),
         }
-        for name in ("ot", "hmm"):
+        for name in SOURCES:
             line[f"{name}_nearest"] = (
                 None if grok is None else nearest(checkpoints, sources.get(name), grok)
             )
@@ -130,20 +139,18 @@ def summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
             and abs(line[f"{name}_nearest"]["offset_checkpoints"]) <= line["tolerance_checkpoints"]
         )
 
-    return {
+    out: dict[str, Any] = {
         "case": "grokking-summary",
         "runs": len(lines),
         "grokked": len(grokked),
         "grok_steps": [line["grok_step"] for line in lines],
-        "ot_within_tolerance": within("ot"),
-        "hmm_within_tolerance": within("hmm"),
-        "ot_offsets_checkpoints": [
-            (line["ot_nearest"] or {}).get("offset_checkpoints") for line in grokked
-        ],
-        "hmm_offsets_checkpoints": [
-            (line["hmm_nearest"] or {}).get("offset_checkpoints") for line in grokked
-        ],
     }
+    for name in SOURCES:
+        out[f"{name}_within_tolerance"] = within(name)
+        out[f"{name}_offsets_checkpoints"] = [
+            (line[f"{name}_nearest"] or {}).get("offset_checkpoints") for line in grokked
+        ]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

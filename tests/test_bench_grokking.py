@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import layout
 from shared.store import open_store
 from tests.evaluator_run import JUMP_AT, STEPS, make_run
 
@@ -41,6 +42,11 @@ def test_grok_step_and_nearest_boundary(bench):
 def test_analyse_two_runs_lines_up_accuracy_drift_and_hmm(bench, tmp_path, capsys):
     store = open_store(tmp_path / "store")
     run_ids = [make_run(store, seed=s, sae=False, detect=False) for s in (0, 1)]
+    for run_id in run_ids:  # a change point within noise, which ot_significant leaves out
+        phases = store.get_json(layout.ot_phases_key(run_id))
+        points = phases["curves"]["mean"]["change_points"]
+        points.insert(0, {**points[0], "step": 10, "interval": [0, 10], "exceeds_baseline": False})
+        store.put_json(layout.ot_phases_key(run_id), phases)
     assert bench.main(["--store", store.url, "--runs", *run_ids]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     runs, summary = lines[:-1], lines[-1]
@@ -48,6 +54,11 @@ def test_analyse_two_runs_lines_up_accuracy_drift_and_hmm(bench, tmp_path, capsy
     for line in runs:
         assert line["grok_step"] == JUMP_AT and line["checkpoints"] == len(STEPS)
         assert line["ot_nearest"] == {"step": JUMP_AT, "offset_checkpoints": 0}
+        assert (
+            line["ot_significant"] == [JUMP_AT]
+            and line["ot_significant_nearest"]["step"] == JUMP_AT
+        )
         assert line["hmm_nearest"]["offset_checkpoints"] == 0 and line["hmm_states"] >= 2
     assert summary["grokked"] == 2 and summary["ot_within_tolerance"] == 2
+    assert summary["ot_significant_within_tolerance"] == 2
     assert summary["hmm_within_tolerance"] == 2 and summary["grok_steps"] == [JUMP_AT] * 2
