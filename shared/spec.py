@@ -456,7 +456,7 @@ class DataSpec(_Section):
     @field_validator("tokenizer")
     @classmethod
     def _check_tokenizer(cls, value: str) -> str:
-        """A bare word other than byte/gpt2 is almost surely a typo, not a folder name."""
+        """A bare word other than a built-in name is almost surely a typo, not a folder."""
         if value in TOKENIZERS or "/" in value or value.startswith((".", "~")):
             return value
         hint = difflib.get_close_matches(value, TOKENIZERS, n=1)

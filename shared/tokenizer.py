@@ -51,6 +51,7 @@ PAD_TEXT = "<|pad|>"
 BYTE_MARKER_FILE = "driftlab_tokenizer.json"
 #: `numbers` has one token for each whole number below this, after the byte ids.
 NUMBER_LIMIT = 1000
+_DIGITS = re.compile(r"[0-9]+")
 _NUMBER = re.compile(r"0|[1-9][0-9]*")
 #: The Hugging Face hub name `load_tokenizer("gpt2")` loads.
 GPT2_HUB_NAME = "gpt2"
@@ -96,6 +97,9 @@ class Tokenizer(ABC):
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as tokens: no files, no training, and every string is representable."""
 
+    #: What `save` writes in the marker file, so `load_tokenizer(folder)` rebuilds this class.
+    kind = "byte"
+
     def __init__(self, name: str = "byte") -> None:
         self.name = name
         self.vocab_size = 258
@@ -128,8 +132,8 @@ class ByteTokenizer(Tokenizer):
     def save(self, folder: str | Path) -> None:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        kind = "numbers" if isinstance(self, NumberTokenizer) else "byte"
-        (out / BYTE_MARKER_FILE).write_text(json.dumps({"type": kind}) + "\n", encoding="utf-8")
+        marker = json.dumps({"type": self.kind}) + "\n"
+        (out / BYTE_MARKER_FILE).write_text(marker, encoding="utf-8")
 
 
 class NumberTokenizer(ByteTokenizer):
@@ -140,6 +144,8 @@ class NumberTokenizer(ByteTokenizer):
     encodes and `decode(encode(text)) == text`.
     """
 
+    kind = "numbers"
+
     def __init__(self, name: str = "numbers") -> None:
         super().__init__(name)
         self.vocab_size = BYTE_PAD_ID + 1 + NUMBER_LIMIT
@@ -147,7 +153,7 @@ class NumberTokenizer(ByteTokenizer):
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
         start = 0
-        for match in re.finditer(r"[0-9]+", text):
+        for match in _DIGITS.finditer(text):
             digits = match.group()
             if _NUMBER.fullmatch(digits) and int(digits) < NUMBER_LIMIT:
                 ids += super().encode(text[start : match.start()])

@@ -493,32 +493,27 @@ class _Executor:
             with self.lock:
                 self.procs.add(proc)
             try:
-                code = self._wait(proc, deadline)
+                limit = time.monotonic() + float(deadline) if deadline else None
+                while True:
+                    try:
+                        code = proc.wait(timeout=_POLL_S)
+                        break
+                    except subprocess.TimeoutExpired:
+                        pass
+                    if self.stop.is_set():
+                        _terminate(proc)
+                        return STOPPED, "stopped after another task failed"
+                    if limit is not None and time.monotonic() > limit:
+                        _terminate(proc)
+                        return FAILED, f"exceeded activeDeadlineSeconds ({deadline})"
             finally:
                 with self.lock:
                     self.procs.discard(proc)
-        if isinstance(code, tuple):
-            return code
         if code == 0:
             return SUCCEEDED, ""
         if code < 0:
             return ERROR, f"killed by {signal.Signals(-code).name}"
         return FAILED, f"exit code {code}"
-
-    def _wait(self, proc: subprocess.Popen[bytes], deadline: Any) -> int | tuple[str, str]:
-        """The task's exit code, or the phase and message when it was stopped."""
-        limit = time.monotonic() + float(deadline) if deadline else None
-        while True:
-            try:
-                return proc.wait(timeout=_POLL_S)
-            except subprocess.TimeoutExpired:
-                pass
-            if self.stop.is_set():
-                _terminate(proc)
-                return STOPPED, "stopped after another task failed"
-            if limit is not None and time.monotonic() > limit:
-                _terminate(proc)
-                return FAILED, f"exceeded activeDeadlineSeconds ({deadline})"
 
     def _fail(self, node: Node) -> None:
         with self.lock:
