@@ -2,11 +2,15 @@
 
 One JSON object per line. MFU is measured against the machine's own matmul peak, taken in
 the same run (fp32 sgemm on CPU, bf16 on a GPU), so the figure means the same thing on a
-laptop and an H100. Needs only torch, transformers and safetensors (no pydantic), so it
-runs on a bare GPU machine:
+laptop and an H100. The reference, timed side by side: the same model with transformers'
+default GPT-2 activation ("gelu_new", eight elementwise kernels) instead of driftlab's
+fused one (`speedup_vs_gelu_new`). Needs only torch, transformers and safetensors (no
+pydantic), so it runs on a bare GPU machine:
 
-    python benchmarks/bench_train.py                 # tiny on CPU (and gpt2 with --full)
-    python benchmarks/bench_train.py --device cuda   # gpt2 and gpt2-medium, bf16, fused attention
+    python benchmarks/bench_train.py                 # tiny and grokking's model on CPU
+                                                     # (and gpt2 with --full)
+    python benchmarks/bench_train.py --device cuda   # grokking's model,
+                                                     # gpt2 and gpt2-medium, bf16, fused attention
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.trainer.dynamics import dynamics_metrics
 
-SIZES = {  # n_layer, n_head, n_embd (the standard GPT2Config sizes; tiny is driftlab's)
-    "tiny": (2, 2, 64),
-    "gpt2": (12, 12, 768),
-    "gpt2-medium": (24, 16, 1024),
+SIZES = {  # n_layer, n_head, n_embd, vocabulary: the standard GPT2Config sizes, driftlab's
+    # tiny (byte tokens) and configs/grokking.yaml's model (numbers tokenizer)
+    "tiny": (2, 2, 64, 258),
+    "grokking": (1, 4, 128, 1258),
+    "gpt2": (12, 12, 768, 50257),
+    "gpt2-medium": (24, 16, 1024, 50257),
 }
+# shared/models.py's activation (not imported: that would need pydantic on a bare GPU machine)
+FUSED_GELU = "gelu_pytorch_tanh"
 
 
 def matmul_peak(device: str, dtype: torch.dtype) -> float:
@@ -58,13 +66,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench(arch: str, device: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
-    n_layer, n_head, n_embd = SIZES[arch]
-    vocab, eos = (258, 256) if arch == "tiny" else (50257, 50256)  # byte or GPT-2 BPE
+def train_steps(
+    arch: str, device: str, batch: int, seq: int, steps: int, activation: str
+) -> tuple[float, GPT2LMHeadModel, torch.optim.Optimizer, GPT2Config]:
+    """Seconds per full training step (forward, backward, clipping, AdamW) and what it trained."""
+    n_layer, n_head, n_embd, vocab = SIZES[arch]
     config = GPT2Config(
         vocab_size=vocab,
-        bos_token_id=eos,
-        eos_token_id=eos,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
         n_positions=max(seq, 128),
         n_layer=n_layer,
         n_head=n_head,
@@ -72,6 +82,7 @@ def bench(arch: str, device: str, batch: int, seq: int, steps: int) -> dict[str,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        activation_function=activation,
     )
     model = GPT2LMHeadModel._from_config(config, attn_implementation="sdpa").to(device)
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
@@ -95,7 +106,15 @@ def bench(arch: str, device: str, batch: int, seq: int, steps: int) -> dict[str,
     for _ in range(steps):
         step()
     _sync(device)
-    step_s = (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, model, opt, config
+
+
+def bench(arch: str, device: str, batch: int, seq: int, steps: int) -> dict[str, Any]:
+    """driftlab's model (fused GELU) against transformers' default GPT-2 (gelu_new)."""
+    reference_s, *_ = train_steps(arch, device, batch, seq, steps, "gelu_new")
+    step_s, model, opt, config = train_steps(arch, device, batch, seq, steps, FUSED_GELU)
+    n_layer, n_embd = config.n_layer, config.n_embd
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
 
     params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * params + 12 * n_layer * n_embd * seq  # nanoGPT's estimate
@@ -132,6 +151,8 @@ def bench(arch: str, device: str, batch: int, seq: int, steps: int) -> dict[str,
         "batch": batch,
         "seq": seq,
         "step_seconds": round(step_s, 5),
+        "gelu_new_step_seconds": round(reference_s, 5),
+        "speedup_vs_gelu_new": round(reference_s / step_s, 3),
         "tokens_per_second": round(tokens_per_s, 1),
         "model_flops_per_second": round(tokens_per_s * flops_per_token, 1),
         "matmul_peak_flops_per_second": round(peak, 1),
@@ -151,9 +172,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-        cases = [("gpt2", 16, 1024, 20), ("gpt2-medium", 8, 1024, 20)]
+        cases = [("grokking", 3831, 6, 50), ("gpt2", 16, 1024, 20), ("gpt2-medium", 8, 1024, 20)]
     else:
-        cases = [("tiny", 16, 64, 50)] + ([("gpt2", 4, 256, 3)] if args.full else [])
+        cases = [("tiny", 16, 64, 50), ("grokking", 3831, 6, 5)]
+        cases += [("gpt2", 4, 256, 3)] if args.full else []
     for arch, batch, seq, steps in cases:
         print(json.dumps(bench(arch, args.device, batch, seq, args.steps or steps)), flush=True)
 

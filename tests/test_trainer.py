@@ -245,6 +245,11 @@ def test_pretrained_analysis_only_run_writes_step_zero(store, tmp_path):
     original = GPT2LMHeadModel.from_pretrained(folder)
     for (name, p), q in zip(saved.named_parameters(), original.parameters(), strict=True):
         assert torch.equal(p, q), name
+    ids = torch.randint(0, 258, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the fused GELU it runs with computes GPT-2's gelu_new
+        torch.testing.assert_close(
+            saved(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
     assert store.get_json(layout.checkpoint_dynamics_key(run_id, 0))["eval"]["eval_loss"] > 0
 
     missing = _new_run(store, **{"model.init": "pretrained",
