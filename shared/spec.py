@@ -702,6 +702,10 @@ class SAESpec(_Section):
 class DetectSpec(_Section):
     """Hallucination detection: generate answers, track SAE features, score them."""
 
+    enabled: bool = True
+    """Whether the workflow runs the detect stage. Off for tasks whose final model may answer
+    every question right (or every one wrong), leaving a detector nothing to tell apart:
+    modular arithmetic once grokked."""
     samples: Int = Field(default=64, gt=0)
     """Prompts to answer."""
     num_samples: Int = Field(default=1, gt=0)

@@ -8,6 +8,7 @@ evaluator is tested on known inputs without training anything.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +101,13 @@ def write_detect(store: Store, run_id: str, rows: list[dict]) -> None:
 
 
 def make_run(
-    store: Store, *, ot: bool = True, sae: bool = True, detect: bool = True, seed: int = 0
+    store: Store,
+    *,
+    ot: bool = True,
+    sae: bool = True,
+    detect: bool = True,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
 ) -> str:
     spec = apply_overrides(
         RunSpec(),
@@ -110,6 +117,7 @@ def make_run(
             "evaluate.bootstrap": 50,
             "hmm.max_components": 3,
             "hmm.restarts": 2,
+            **(overrides or {}),
         },
     )
     n_layers = model_sizes(spec).n_layer + 1

@@ -143,6 +143,14 @@ def test_partial_report_says_what_is_absent(store):
     assert "drift" not in store.get_json(layout.evaluate_report_json_key(run_id))["absent"]
 
 
+def test_a_run_without_detection_says_it_is_off(store):
+    run_id = make_run(store, detect=False, overrides={"detect.enabled": False})
+    assert _evaluate(store, run_id) == 0
+    absent = store.get_json(layout.evaluate_report_json_key(run_id))["absent"]
+    assert set(absent) == {"detection"}
+    assert "detect.enabled: false" in absent["detection"]
+
+
 def test_missing_training_is_one_line_naming_the_trainer(store, capsys):
     run_id = make_run(store, ot=False, sae=False, detect=False)
     store.delete(layout.train_done_key(run_id))

@@ -211,6 +211,17 @@ def test_templates_carry_the_cluster_contract() -> None:
     assert tasks["detect"]["depends"] == "sae-train"
 
 
+def test_a_spec_without_detection_has_no_detect_task(schema_validator: Any) -> None:
+    spec = apply_overrides(load_spec(TINY), {"detect.enabled": False})
+    manifest = compiled(build_workflow(spec, "cpu", store="s3://b", run_id="t-1"))
+    assert _errors(schema_validator, manifest) == []
+    tasks = {t["name"]: t for t in _templates(manifest)["pipeline"]["dag"]["tasks"]}
+    assert "detect" not in tasks
+    assert tasks["evaluate"]["depends"] == "ot && sae-train"
+    with pytest.raises(WorkflowError, match="a-2 differs"):
+        build_sweep_workflow({"a-1": load_spec(TINY), "a-2": spec}, "demo", "cpu", store="s3://b")
+
+
 def test_cpu_profile_caps_requests_but_keeps_memory_limits() -> None:
     spec = load_spec(ROOT / "configs" / "gpt2-medium.yaml")
     templates = _templates(compiled(build_workflow(spec, "cpu", store="s3://b", run_id="m-1")))

@@ -29,7 +29,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from hera.workflows import (
     DAG,
@@ -61,7 +61,7 @@ from hera.workflows.models import (
 
 from shared import layout
 from shared.errors import DriftlabError
-from shared.spec import RunSpec, model_sizes
+from shared.spec import ResourcesSpec, RunSpec, model_sizes
 
 Profile = Literal["gpu", "cpu"]
 PROFILES: tuple[str, ...] = get_args(Profile)
@@ -228,7 +228,7 @@ def build_workflow(
     labels = {APP_LABEL: "driftlab", RUN_LABEL: run_id}
     with _workflow_shell(run_id, store, labels, cluster) as workflow:
         templates = _container_templates(spec, profile, images, cluster)
-        _pipeline_dag(ENTRYPOINT, templates, sae_layers(spec))
+        _pipeline_dag(ENTRYPOINT, templates, _shape(spec))
         _finish_template(["{{workflow.parameters.run}}"], images, cluster)
     workflow.arguments = [Parameter(name="run", value=run_id), Parameter(name="store", value=store)]
     return workflow
@@ -247,7 +247,8 @@ def build_sweep_workflow(
     """One pipeline per registered run of a sweep, at most `parallelism` at a time.
 
     Every run goes through the same templates, so the points must share the graph's
-    shape (SAE layers, resources); a sweep over model depth is submitted point by point.
+    shape (SAE layers, detection, resources); a sweep over model depth is submitted point
+    by point.
     """
     if not specs:
         raise WorkflowError(f"sweep {sweep_name} has no runs")
@@ -255,13 +256,13 @@ def build_sweep_workflow(
         raise WorkflowError(f"sweep parallelism must be at least 1, got {parallelism}")
     run_ids = [layout.validate_run_id(r) for r in specs]
     first = next(iter(specs.values()))
-    shape = (sae_layers(first), first.resources)
+    shape = _shape(first)
     for run_id, spec in specs.items():
-        if (sae_layers(spec), spec.resources) != shape:
+        if _shape(spec) != shape:
             raise WorkflowError(
-                f"sweep {sweep_name}: run {run_id} differs from {run_ids[0]} in its SAE layers "
-                "or resources; one sweep workflow runs one graph, so submit such points "
-                "one by one (driftlab submit SPEC.yaml)"
+                f"sweep {sweep_name}: run {run_id} differs from {run_ids[0]} in its SAE layers, "
+                "detect.enabled or resources; one sweep workflow runs one graph, so submit "
+                "such points one by one (driftlab submit SPEC.yaml)"
             )
     images = images or Images()
     cluster = cluster or Cluster()
@@ -269,7 +270,7 @@ def build_sweep_workflow(
     labels = {APP_LABEL: "driftlab", SWEEP_LABEL: sweep_name}
     with _workflow_shell(name, store, labels, cluster, entrypoint="sweep") as workflow:
         templates = _container_templates(first, profile, images, cluster)
-        pipeline = _pipeline_dag(ENTRYPOINT, templates, shape[0])
+        pipeline = _pipeline_dag(ENTRYPOINT, templates, shape)
         with DAG(name="sweep", parallelism=parallelism):
             for run_id in run_ids:
                 Task(name=run_id, template=pipeline, arguments={"run": run_id})
@@ -469,7 +470,19 @@ def _stage_metrics(stage: str) -> list[Gauge | Counter]:
     ]
 
 
-def _pipeline_dag(name: str, templates: Mapping[str, Container], layers: Sequence[int]) -> DAG:
+class _Shape(NamedTuple):
+    """What of a spec decides the graph: its tasks, their fan-out and their pods."""
+
+    sae_layers: list[int]
+    detect: bool
+    resources: ResourcesSpec
+
+
+def _shape(spec: RunSpec) -> _Shape:
+    return _Shape(sae_layers(spec), spec.detect.enabled, spec.resources)
+
+
+def _pipeline_dag(name: str, templates: Mapping[str, Container], shape: _Shape) -> DAG:
     """The stage DAG of one run; its input `run` is passed to every task."""
     run = {"run": "{{inputs.parameters.run}}"}
     with DAG(name=name, inputs=[Parameter(name="run")]) as dag:
@@ -488,16 +501,23 @@ def _pipeline_dag(name: str, templates: Mapping[str, Container], layers: Sequenc
             name="sae-train",
             template=templates["sae-train"],
             arguments={**run, "layer": "{{item}}"},
-            with_items=list(layers),
+            with_items=list(shape.sae_layers),
         )
-        detect = Task(name="detect", template=templates["detect"], arguments=run)
+        detect = (
+            Task(name="detect", template=templates["detect"], arguments=run)
+            if shape.detect
+            else None
+        )
         evaluate = Task(name="evaluate", template=templates["evaluate"], arguments=run)
         train >> listing
         listing >> extract
         extract >> [ot, sae]
-        sae >> detect
         ot >> evaluate
-        detect >> evaluate
+        if detect is None:
+            sae >> evaluate
+        else:
+            sae >> detect
+            detect >> evaluate
     return dag
 
 

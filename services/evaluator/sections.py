@@ -186,9 +186,11 @@ def sae(report: Report, store: Store, run_id: str, n_layer: int) -> None:
 
 def detection(report: Report, store: Store, run_id: str, spec: RunSpec) -> None:
     if not store.exists(layout.detect_done_key(run_id)):
+        command = f"`python -m services.sae detect --run {run_id} --store {store.url}`"
         report.absent["detection"] = (
-            f"the detect stage has not run: `python -m services.sae detect --run {run_id} "
-            f"--store {store.url}`"
+            f"detection is off in this run's spec (detect.enabled: false); {command} runs it"
+            if not spec.detect.enabled
+            else f"the detect stage has not run: {command}"
         )
         return
     section, figures = evaluate_detection(store, run_id, spec.evaluate)
