@@ -1,10 +1,11 @@
 """Benchmark (science): does drift tracking find grokking's phase transition, on time?
 
 Registers the grokking sweep (default configs/grokking.yaml under
-configs/sweeps/grokking-seeds.yaml: three seeds) in a store, carries each run through its
-whole workflow here (train -> extract -> ot -> sae -> evaluate, as `driftlab sweep --local`
-does), fits one HMM of training phases over the seeds (`driftlab hmm`), rebuilds each
-run's report with it, and prints JSON lines:
+configs/sweeps/grokking-seeds.yaml: three seeds) in a store, carries the runs through the
+sweep's workflow here (the graph workflows/sweep.py sends to Argo: train -> extract -> ot,
+sae -> evaluate per run, `--parallel N` runs at a time, on the GPU when there is one),
+fits one HMM of training phases over the seeds (`driftlab hmm`), rebuilds each run's
+report with it, and prints JSON lines:
 
 - one per run: the step at which test accuracy crosses 50% (`grok_step`; grokking is the
   jump from memorised-train-only to generalising), the accuracy jumps, OT change points and
@@ -23,7 +24,7 @@ modulus that groks on a laptop. --runs skips training and analyses runs already 
 
 Usage: python benchmarks/bench_grokking.py [--spec configs/grokking.yaml]
        [--sweep configs/sweeps/grokking-seeds.yaml] [--store DIR] [--set key=value ...]
-       [--runs RUN_ID ...]
+       [--parallel N] [--runs RUN_ID ...]
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from shared.registry import create_run
 from shared.spec import apply_overrides, load_spec, parse_overrides
 from shared.stage import load_run_spec
 from shared.store import Store, open_store
-from shared.sweep import expand, load_sweep, run_local
+from shared.sweep import expand, load_sweep
+from workflows.commands import run_sweep_registered
 
 #: The boundaries compared with the grok step.
 SOURCES = ("ot", "ot_significant", "hmm")
@@ -73,16 +75,25 @@ def nearest(
     return {"step": best, "offset_checkpoints": checkpoint_index(checkpoints, best) - at}
 
 
-def run_sweep(store: Store, spec_path: str, sweep_path: str, sets: list[str]) -> list[str]:
-    """Register the sweep's runs and carry each through its workflow here, in order."""
+def run_sweep(
+    store: Store, spec_path: str, sweep_path: str, sets: list[str], parallel: int
+) -> list[str]:
+    """Register the sweep's runs and carry them through the sweep's workflow here.
+
+    `parallel` pipelines at a time (the runs then share the machine's cores and GPU).
+    """
     base = apply_overrides(load_spec(spec_path), parse_overrides(sets))
-    run_ids = [create_run(store, spec) for spec in expand(base, load_sweep(sweep_path))]
-    for i, run_id in enumerate(run_ids, 1):
-        start = time.monotonic()
-        print(f"[{i}/{len(run_ids)}] {run_id}", file=sys.stderr, flush=True)
-        if run_local(run_id, store.url):
-            raise DriftlabError(f"run {run_id} failed; see the log folder printed above")
-        print(f"{run_id}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+    sweep = load_sweep(sweep_path)
+    run_ids = [create_run(store, spec) for spec in expand(base, sweep)]
+    start = time.monotonic()
+    print(f"{len(run_ids)} runs, {parallel} at a time", file=sys.stderr, flush=True)
+    result = run_sweep_registered(run_ids, store.url, sweep.name, parallel)
+    if result.failed is not None:
+        raise DriftlabError(
+            f"{result.failed.name} {result.failed.state.lower()}: {result.failed.message}; "
+            f"logs in {result.log_dir}"
+        )
+    print(f"{len(run_ids)} runs: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
     return run_ids
 
 
@@ -160,10 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", help="store URL or folder (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs", nargs="+", metavar="RUN_ID", help="analyse these runs only")
+    parser.add_argument(
+        "--parallel", type=int, default=1, metavar="N", help="runs at a time (default 1)"
+    )
     args = parser.parse_args(argv)
     store = open_store(args.store or tempfile.mkdtemp(prefix="bench-grokking-"))
     try:
-        run_ids = args.runs or run_sweep(store, args.spec, args.sweep, args.set)
+        run_ids = args.runs or run_sweep(store, args.spec, args.sweep, args.set, args.parallel)
         lines = analyse(store, run_ids)
     except DriftlabError as err:
         print(f"bench_grokking: {err}", file=sys.stderr)

@@ -62,3 +62,30 @@ def test_analyse_two_runs_lines_up_accuracy_drift_and_hmm(bench, tmp_path, capsy
     assert summary["grokked"] == 2 and summary["ot_within_tolerance"] == 2
     assert summary["ot_significant_within_tolerance"] == 2
     assert summary["hmm_within_tolerance"] == 2 and summary["grok_steps"] == [JUMP_AT] * 2
+
+
+def test_a_two_seed_sweep_runs_its_workflow_here_two_at_a_time(bench, tmp_path, capsys):
+    """The real stages, as the sweep's Argo workflow runs them: a tiny modular task, small
+    enough for CI, under two seeds at once; then the whole analysis of both."""
+    sweep = tmp_path / "seeds.yaml"
+    sweep.write_text("name: two-seeds\nmethod: grid\nparameters:\n  run.seed: [0, 1]\n")
+    sets = {
+        "data.modular_p": 7, "train.steps": 20, "train.batch_size": 20,
+        "train.checkpoint_every": 10, "train.dynamics_every": 1, "model.n_embd": 32,
+        "sae.layers": [1], "sae.epochs": 1, "ot.bootstrap": 5, "evaluate.bootstrap": 10,
+        "hmm.max_components": 2, "hmm.restarts": 1, "extract.probe_samples": 16, "sae.batch_size": 32,
+    }  # fmt: skip
+    store = open_store(tmp_path / "store")
+    args = ["--spec", str(ROOT / "configs" / "grokking-cpu.yaml"), "--sweep", str(sweep)]
+    args += ["--store", store.url, "--parallel", "2"]
+    args += [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert bench.main(args) == 0, capsys.readouterr().err[-3000:]
+    captured = capsys.readouterr()
+    lines = [json.loads(x) for x in captured.out.splitlines()]
+    assert [line["seed"] for line in lines[:-1]] == [0, 1]
+    assert all(line["checkpoints"] == 3 for line in lines[:-1]) and lines[-1]["runs"] == 2
+    assert "2 runs, 2 at a time" in captured.err
+    for line in lines[:-1]:
+        status = store.get_json(layout.status_key(line["run_id"], "workflow"))
+        assert status["state"] == "succeeded"
+        assert not store.exists(layout.detect_done_key(line["run_id"]))  # detect.enabled: false

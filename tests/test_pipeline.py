@@ -256,3 +256,29 @@ def test_sweep_workflow_runs_every_run_with_a_parallelism_limit() -> None:
     deeper = {**specs, "a-3": apply_overrides(spec, {"model.n_layer": 3})}
     with pytest.raises(WorkflowError, match="a-3 differs"):
         build_sweep_workflow(deeper, "demo", "cpu", store="s3://b")
+
+
+def test_local_runs_execute_the_gpu_profile_when_pytorch_sees_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import torch
+
+    from shared.registry import create_run
+    from shared.store import open_store
+    from workflows import commands, local
+
+    store = open_store(tmp_path / "store")
+    run_id = create_run(store, load_spec(TINY))
+    manifests: list[dict[str, Any]] = []
+    monkeypatch.setattr(local, "run_workflow", lambda manifest, **_: manifests.append(manifest))
+
+    def device_of_train() -> str:
+        args = _templates(manifests[-1])["train"]["container"]["args"]
+        return str(args[args.index("--device") + 1])
+
+    for cuda, device in ((True, "auto"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        commands.run_registered(run_id, store.url)
+        assert device_of_train() == device
+    commands.run_registered(run_id, store.url, profile="gpu")
+    assert device_of_train() == "auto"

@@ -7,12 +7,18 @@ import os
 import shutil
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from shared.registry import _add_store_argument
 
 if TYPE_CHECKING:
+    from hera.workflows import Workflow
+
     from workflows.local import RunResult
+    from workflows.pipeline import Profile
+
+LocalProfile = Literal["auto", "gpu", "cpu"]
 
 
 def add_workflow_parsers(commands: Any) -> None:
@@ -37,6 +43,7 @@ def add_workflow_parsers(commands: Any) -> None:
         metavar="RUN_ID",
         help="rerun this run id (same spec): finished stages are cached",
     )
+    add_local_profile_argument(run)
     run.set_defaults(handler=_cmd_run)
 
     submit = commands.add_parser(
@@ -76,20 +83,79 @@ def add_workflow_parsers(commands: Any) -> None:
     submit.set_defaults(handler=_cmd_submit)
 
 
-def run_registered(run_id: str, store_url: str, workers: int | None = None) -> RunResult:
-    """Execute the compiled cpu-profile workflow of a registered run here.
+def add_local_profile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile",
+        choices=("auto", "gpu", "cpu"),
+        default="auto",
+        help="auto (default): gpu when PyTorch sees a CUDA device here, else cpu; gpu lets "
+        "every stage pick its device, cpu keeps them all on the CPU",
+    )
+
+
+def local_profile(choice: LocalProfile) -> Profile:
+    """The profile a local run executes: the GPU's when this machine has one."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def run_registered(
+    run_id: str, store_url: str, workers: int | None = None, profile: LocalProfile = "auto"
+) -> RunResult:
+    """Execute the compiled workflow of a registered run here.
 
     The spec is read back from the store, so the graph is built from what the stages read.
-    Task states go to stderr: a live table in a terminal, one line per change otherwise.
     """
     from shared.stage import load_run_spec
     from shared.store import open_store
-    from workflows.local import LineReporter, LiveTable, run_workflow
-    from workflows.pipeline import Cluster, build_workflow, compiled
+    from workflows.pipeline import Cluster, build_workflow
 
     store_url = _absolute(store_url)
     spec = load_run_spec(open_store(store_url), run_id)
-    workflow = build_workflow(spec, "cpu", store=store_url, run_id=run_id, cluster=Cluster.local())
+    workflow = build_workflow(
+        spec, local_profile(profile), store=store_url, run_id=run_id, cluster=Cluster.local()
+    )
+    return _execute_here(workflow, workers)
+
+
+def run_sweep_registered(
+    run_ids: Sequence[str],
+    store_url: str,
+    sweep_name: str,
+    parallelism: int,
+    workers: int | None = None,
+    profile: LocalProfile = "auto",
+) -> RunResult:
+    """Execute the compiled sweep workflow of registered runs here, `parallelism` at a time.
+
+    The first failure stops every run, as it stops a single run's workflow.
+    """
+    from shared.stage import load_run_spec
+    from shared.store import open_store
+    from workflows.pipeline import Cluster, build_sweep_workflow
+
+    store_url = _absolute(store_url)
+    store = open_store(store_url)
+    specs = {run_id: load_run_spec(store, run_id) for run_id in run_ids}
+    workflow = build_sweep_workflow(
+        specs,
+        sweep_name,
+        local_profile(profile),
+        store=store_url,
+        parallelism=parallelism,
+        cluster=Cluster.local(),
+    )
+    return _execute_here(workflow, workers)
+
+
+def _execute_here(workflow: Workflow, workers: int | None) -> RunResult:
+    """Task states go to stderr: a live table in a terminal, one line per change otherwise."""
+    from workflows.local import LineReporter, LiveTable, run_workflow
+    from workflows.pipeline import compiled
+
     live = LiveTable(sys.stderr) if sys.stderr.isatty() else None
     try:
         return run_workflow(
@@ -114,7 +180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_id = create_run(store, spec, args.run)
     print(run_id, flush=True)
     start = time.monotonic()
-    result = run_registered(run_id, args.store, args.workers)
+    result = run_registered(run_id, args.store, args.workers, args.profile)
     sys.stdout.write(_timings(result.nodes))
     print(f"total {time.monotonic() - start:.1f}s", flush=True)
     if not result.ok:
