@@ -9,23 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
+from services.trainer.batches import pad_batch
 from shared.data import Task, prompt_ids
 from shared.models import greedy_generate
 from shared.tokenizer import Tokenizer
-
-
-def pad_batch(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and next-token targets (-100 where nothing to predict)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return ids.to(device), mask.to(device), targets.to(device)
 
 
 def token_loss_sum(

@@ -21,13 +21,14 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from services.trainer import distributed
+from services.trainer.batches import PackedSequences
 from services.trainer.checkpoint import (
     TrainerState,
     load_training_state,
     save_training_state,
 )
 from services.trainer.dynamics import dynamics_metrics
-from services.trainer.evaluation import evaluate, pad_batch, token_loss_sum
+from services.trainer.evaluation import evaluate, token_loss_sum
 from shared import layout
 from shared.data import Task, load_task, tokenize_examples
 from shared.errors import ArtifactNotFound, DriftlabError
@@ -123,15 +124,18 @@ class DataStream:
         self.n, self.seed = n, seed
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
-    def take(self, cursor: int, count: int) -> list[int]:
-        out = []
-        for k in range(cursor, cursor + count):
+    def take(self, cursor: int, count: int) -> torch.Tensor:
+        """The indices of sequences cursor .. cursor+count-1, across epochs as needed."""
+        parts, k, end = [], cursor, cursor + count
+        while k < end:
             epoch, pos = divmod(k, self.n)
             if epoch != self._epoch:
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 self._perm, self._epoch = torch.randperm(self.n, generator=gen), epoch
-            out.append(int(self._perm[pos]))
-        return out
+            part = self._perm[pos : pos + end - k]
+            parts.append(part)
+            k += len(part)
+        return torch.cat(parts)
 
 
 def _seed_everything(seed: int) -> None:
@@ -243,6 +247,7 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
     metrics_rows = _read_jsonl(store, layout.train_metrics_key(run_id), state.step)
     dynamics_rows = _read_jsonl(store, layout.train_dynamics_key(run_id), state.step)
     stream = DataStream(len(train_ids), t.seed)
+    packed = PackedSequences(train_ids, tokenizer.pad_id)
     ctx.headline.update(params=count_parameters(model), total_steps=schedule.total_steps)
 
     def plain_copy(weights: dict[str, torch.Tensor]) -> GPT2LMHeadModel:
@@ -289,8 +294,8 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
         while state.step < schedule.total_steps:
             t0 = time.perf_counter()
             step_metrics = _step(
-                wrapped, optimizer, scheduler, scaler, autocast_ctx, stream, train_ids, state,
-                schedule.global_batch, t, tokenizer.pad_id, world, device,
+                wrapped, optimizer, scheduler, scaler, autocast_ctx, stream, packed, state,
+                schedule.global_batch, t, world, device,
             )  # fmt: skip
             loss = step_metrics["loss"]
             if not math.isfinite(loss):
@@ -337,11 +342,10 @@ def _step(
     scaler: torch.amp.GradScaler | None,
     autocast_ctx: contextlib.AbstractContextManager[Any],
     stream: DataStream,
-    train_ids: list[list[int]],
+    packed: PackedSequences,
     state: TrainerState,
     global_batch: int,
     t: Any,
-    pad_id: int,
     world: distributed.World,
     device: str,
 ) -> dict[str, Any]:
@@ -351,7 +355,7 @@ def _step(
     so DDP with N processes computes the same update as one process.
     """
     indices = stream.take(state.cursor, global_batch)
-    total_tokens = sum(len(train_ids[i]) - 1 for i in indices)
+    total_tokens = packed.targets_in(indices)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     micro = [indices[m : m + t.batch_size] for m in range(0, global_batch, t.batch_size)]
@@ -361,9 +365,9 @@ def _step(
         no_sync = getattr(wrapped, "no_sync", None)
         guard = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with guard:
-            if not mine:
+            if len(mine) == 0:
                 continue
-            ids, mask, targets = pad_batch([train_ids[i] for i in mine], pad_id, device)
+            ids, mask, targets = packed.batch(mine, device)
             with autocast_ctx:
                 part = token_loss_sum(wrapped, ids, mask, targets)
             scaled = part * (world.size / total_tokens)

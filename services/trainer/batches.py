@@ -1,0 +1,57 @@
+"""Training batches: token sequences of different lengths, padded into tensors.
+
+A full-batch run (grokking: 3831 short sequences per step) made its batches in Python, one
+sequence at a time, and that cost more than the step itself on a GPU. `PackedSequences`
+keeps the training set in one flat tensor and pads a batch with a few tensor operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import chain
+
+import torch
+
+
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and next-token targets (-100 where nothing to predict)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return ids.to(device), mask.to(device), targets.to(device)
+
+
+class PackedSequences:
+    """Sequences concatenated, with their offsets and lengths; batches as `pad_batch` pads."""
+
+    def __init__(self, seqs: Sequence[Sequence[int]], pad_id: int) -> None:
+        self.lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
+        self.tokens = torch.tensor(list(chain.from_iterable(seqs)), dtype=torch.long)
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def targets_in(self, indices: torch.Tensor) -> int:
+        """Next-token targets of these sequences: each predicts all but its first token."""
+        return int((self.lengths[indices] - 1).sum())
+
+    def batch(
+        self, indices: torch.Tensor, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lengths = self.lengths[indices]
+        positions = torch.arange(int(lengths.max()))
+        mask = positions[None, :] < lengths[:, None]
+        where = (self.offsets[indices][:, None] + positions[None, :]).clamp(
+            max=len(self.tokens) - 1
+        )
+        ids = torch.where(mask, self.tokens[where], self.pad_id)
+        targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+        return ids.to(device), mask.long().to(device), targets.to(device)
