@@ -36,9 +36,6 @@ class PackedSequences:
         self.tokens = torch.tensor(list(chain.from_iterable(seqs)), dtype=torch.long)
         self.pad_id = pad_id
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
     def targets_in(self, indices: torch.Tensor) -> int:
         """Next-token targets of these sequences: each predicts all but its first token."""
         return int((self.lengths[indices] - 1).sum())
@@ -49,6 +46,8 @@ class PackedSequences:
         lengths = self.lengths[indices]
         positions = torch.arange(int(lengths.max()))
         mask = positions[None, :] < lengths[:, None]
+        # Past its end a sequence reads its neighbour's tokens (masked), or for the last one
+        # nothing: clamp so that no index leaves the buffer.
         where = (self.offsets[indices][:, None] + positions[None, :]).clamp(
             max=len(self.tokens) - 1
         )
