@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from shared.registry import _add_store_argument
 
@@ -43,7 +43,13 @@ def add_workflow_parsers(commands: Any) -> None:
         metavar="RUN_ID",
         help="rerun this run id (same spec): finished stages are cached",
     )
-    add_local_profile_argument(run)
+    run.add_argument(
+        "--profile",
+        choices=get_args(LocalProfile),
+        default="auto",
+        help="auto (default): gpu when PyTorch sees a CUDA device here, else cpu; gpu lets "
+        "every stage pick its device, cpu keeps them all on the CPU",
+    )
     run.set_defaults(handler=_cmd_run)
 
     submit = commands.add_parser(
@@ -81,16 +87,6 @@ def add_workflow_parsers(commands: Any) -> None:
         "--dry-run", action="store_true", help="print the workflow YAML; contact nothing"
     )
     submit.set_defaults(handler=_cmd_submit)
-
-
-def add_local_profile_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--profile",
-        choices=("auto", "gpu", "cpu"),
-        default="auto",
-        help="auto (default): gpu when PyTorch sees a CUDA device here, else cpu; gpu lets "
-        "every stage pick its device, cpu keeps them all on the CPU",
-    )
 
 
 def local_profile(choice: LocalProfile) -> Profile:
