@@ -27,7 +27,7 @@ _TIED_KEY = "lm_head.weight"
 # GPT-2's activation, tanh-approximated GELU, as PyTorch's one fused kernel: the same function
 # (within 3e-7) as transformers' "gelu_new", which spends eight elementwise kernels on it and
 # was a third of a small model's step time on a CPU.
-_FUSED_GELU = {"gelu_new": "gelu_pytorch_tanh"}
+_FUSED_GELU = "gelu_pytorch_tanh"
 SIZE_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
 
 
@@ -52,7 +52,7 @@ def gpt2_config(spec: RunSpec, vocab_size: int, eos_id: int, pad_id: int) -> GPT
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        activation_function=_FUSED_GELU["gelu_new"],
+        activation_function=_FUSED_GELU,
     )
 
 
@@ -88,11 +88,14 @@ def build_model(spec: RunSpec, vocab_size: int, eos_id: int, pad_id: int) -> GPT
 
 def model_from_config(config: GPT2Config) -> GPT2LMHeadModel:
     # PyTorch's fused scaled-dot-product attention; transformers falls back when absent.
-    # Checkpoints written before the fused GELU load with it too.
-    config.activation_function = _FUSED_GELU.get(
-        config.activation_function, config.activation_function
-    )
-    return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    return GPT2LMHeadModel._from_config(_with_fused_gelu(config), attn_implementation="sdpa")
+
+
+def _with_fused_gelu(config: GPT2Config) -> GPT2Config:
+    """Pretrained GPT-2s and checkpoints written before the fused GELU run with it too."""
+    if config.activation_function == "gelu_new":
+        config.activation_function = _FUSED_GELU
+    return config
 
 
 @torch.no_grad()
@@ -119,10 +122,7 @@ def init_weights(model: GPT2LMHeadModel, std: float, mean: float, seed: int) -> 
 def load_pretrained(name_or_path: str) -> GPT2LMHeadModel:
     """A Hugging Face GPT-2 checkpoint by hub name (users) or local folder (tests, clusters)."""
     try:
-        config = GPT2Config.from_pretrained(name_or_path)
-        config.activation_function = _FUSED_GELU.get(
-            config.activation_function, config.activation_function
-        )
+        config = _with_fused_gelu(GPT2Config.from_pretrained(name_or_path))
         model = GPT2LMHeadModel.from_pretrained(
             name_or_path, config=config, attn_implementation="sdpa"
         )
