@@ -169,6 +169,14 @@ METRICS: tuple[MetricDef, ...] = (
         "",
         Panel("Running", "stages", "none"),
     ),
+    MetricDef(
+        "driftlab_quality_verdict",
+        "gauge",
+        "A stage's verdict on its own output per check (shared.quality): 0 ok, 1 warn, 2 fail.",
+        ("check",),
+        "",
+        Panel("Quality verdicts", "stages", "none"),
+    ),
     # -- train ---------------------------------------------------------------------------
     MetricDef(
         "driftlab_train_loss",

@@ -27,6 +27,7 @@ from typing import Any
 from shared import layout
 from shared.errors import ArtifactNotFound, DriftlabError, InputMissing
 from shared.log import configure_logging, get_logger
+from shared.quality import QualityCheck, from_status, with_shard
 from shared.spec import RunSpec, parse_spec, section_digest
 from shared.store import DEFAULT_STORE_URL, Store, open_store
 
@@ -57,6 +58,14 @@ class StageContext:
     args: argparse.Namespace
     device: str
     headline: dict[str, Any] = field(default_factory=dict)
+    quality: list[QualityCheck] = field(default_factory=list)
+
+    def judge(self, *checks: QualityCheck) -> None:
+        """Record verdicts on this stage's output (status, report, gauge); log the bad ones."""
+        for check in with_shard(checks, self.shard):
+            self.quality.append(check)
+            if check.verdict != "ok":
+                self.log.warning("quality %s", check.line())
 
     @property
     def log(self) -> Any:
@@ -212,7 +221,7 @@ def execute(stage: StageDef, args: argparse.Namespace) -> int:
     status = _StatusWriter(store, run_id, stage.name, shard)
 
     if not args.force and _is_cached(store, done_key, digests):
-        status.write("cached", done=done_key)
+        status.write("cached", done=done_key, **_earlier_verdicts(store, status.key))
         log.info("cached: %s is up to date", done_key)
         return 0
 
@@ -227,7 +236,10 @@ def execute(stage: StageDef, args: argparse.Namespace) -> int:
         _resolve(stage.run)(ctx)
     except BaseException as err:
         message = _one_line(err)
-        status.write("failed", device=device, error=message, headline=ctx.headline)
+        status.write(
+            "failed", device=device, error=message, headline=ctx.headline,
+            quality=[c.to_json() for c in ctx.quality],
+        )  # fmt: skip
         if isinstance(err, DriftlabError):
             raise  # stage_main prints it: one line, no traceback
         if isinstance(err, KeyboardInterrupt | SystemExit | Terminated):
@@ -242,11 +254,43 @@ def execute(stage: StageDef, args: argparse.Namespace) -> int:
         "finished_at": _now(),
         **digests,
     }
-    status.write("succeeded", device=device, headline=ctx.headline, done=done_key)
+    status.write(
+        "succeeded", device=device, headline=ctx.headline, done=done_key,
+        quality=[c.to_json() for c in ctx.quality],
+    )  # fmt: skip
+    _push_verdicts(ctx)
     if is_primary_process():
         store.put_json(done_key, marker)
     log.info("done in %.1fs", time.monotonic() - status.t0)
     return 0
+
+
+def _earlier_verdicts(store: Store, status_key: str) -> dict[str, Any]:
+    """A cached stage keeps the headline and verdicts of the run that did the work."""
+    try:
+        earlier = store.get_json(status_key)
+    except (ArtifactNotFound, DriftlabError, ValueError):
+        return {}
+    if not isinstance(earlier, dict):
+        return {}
+    kept: dict[str, Any] = {}
+    if isinstance(earlier.get("headline"), dict):
+        kept["headline"] = earlier["headline"]
+    checks = from_status(earlier)
+    if checks:
+        kept["quality"] = [c.to_json() for c in checks]
+    return kept
+
+
+def _push_verdicts(ctx: StageContext) -> None:
+    """One `driftlab_quality_verdict` gauge per check: 0 ok, 1 warn, 2 fail."""
+    from shared.telemetry import push_metrics
+
+    for check in ctx.quality:
+        push_metrics(
+            ctx.stage, ctx.run_id, {"driftlab_quality_verdict": check.severity},
+            shard=ctx.shard, labels={"check": check.check},
+        )  # fmt: skip
 
 
 def _is_cached(store: Store, done_key: str, digests: Mapping[str, Any]) -> bool:
