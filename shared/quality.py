@@ -18,6 +18,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast
 
+from shared import layout
+from shared.errors import DriftlabError
+from shared.store import Store
+
 Verdict = Literal["ok", "warn", "fail"]
 VERDICTS: tuple[Verdict, ...] = ("ok", "warn", "fail")
 #: The value of the `driftlab_quality_verdict` gauge: 0 ok, 1 warn, 2 fail.
@@ -121,25 +125,19 @@ def _bounded(
 ) -> QualityCheck:
     if fail is None and warn is None:
         raise ValueError(f"quality check {check!r} needs a fail or a warn threshold")
-    bad_word, good_word = ("below", ">=") if higher_is_better else ("at or above", "<")
-
-    def breaks(limit: float | None) -> bool:
-        if limit is None:
-            return False
-        return value < limit if higher_is_better else value >= limit
-
+    strictest = warn if warn is not None else fail
+    assert strictest is not None
     if math.isnan(value):
-        return QualityCheck(stage, check, None, fail if fail is not None else warn, "fail",
-                            f"{what} is NaN: nothing usable was measured; {fix}")  # fmt: skip
-    for verdict, limit in (("fail", fail), ("warn", warn)):
-        if breaks(limit):
-            assert limit is not None
+        message = f"{what} is NaN: nothing usable was measured; {fix}"
+        return QualityCheck(stage, check, None, strictest, "fail", message)
+    bad_word, good_word = ("below", ">=") if higher_is_better else ("at or above", "<")
+    limits: tuple[tuple[Verdict, float | None], ...] = (("fail", fail), ("warn", warn))
+    for verdict, limit in limits:
+        if limit is not None and (value < limit if higher_is_better else value >= limit):
             message = f"{what} {_fmt(value)} is {bad_word} {_fmt(limit)}; {fix}"
-            return QualityCheck(stage, check, value, limit, cast(Verdict, verdict), message)
-    limit = warn if warn is not None else fail
-    assert limit is not None
-    return QualityCheck(stage, check, value, limit, "ok", f"{what} {_fmt(value)} {good_word} "
-                        f"{_fmt(limit)}")  # fmt: skip
+            return QualityCheck(stage, check, value, limit, verdict, message)
+    message = f"{what} {_fmt(value)} {good_word} {_fmt(strictest)}"
+    return QualityCheck(stage, check, value, strictest, "ok", message)
 
 
 def judged(
@@ -185,3 +183,23 @@ def from_status(status: Mapping[str, Any]) -> list[QualityCheck]:
 def summary(checks: Sequence[QualityCheck]) -> dict[str, int]:
     """How many checks got each verdict."""
     return {v: sum(c.verdict == v for c in checks) for v in VERDICTS}
+
+
+def run_checks(store: Store, run_id: str, exclude: Iterable[str] = ()) -> list[QualityCheck]:
+    """Every verdict the run's stages wrote into their status objects, worst first.
+
+    `exclude` names stages to leave out (the evaluator gathers all but its own, whose
+    status still holds the previous evaluation's verdicts while it runs).
+    """
+    skipped = set(exclude)
+    checks: list[QualityCheck] = []
+    for key in store.list(layout.status_prefix(run_id)):
+        if not key.endswith(".json"):
+            continue
+        try:
+            status = store.get_json(key)
+        except (DriftlabError, ValueError):
+            continue  # an unreadable status is the registry's concern, not the verdicts'
+        if isinstance(status, dict) and status.get("stage") not in skipped:
+            checks.extend(from_status(status))
+    return worst_first(checks)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from shared.quality import QualityCheck, problems, run_checks, summary
 from shared.registry import _add_store_argument
 
 if TYPE_CHECKING:
@@ -194,8 +195,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         return 1
     shutil.rmtree(result.log_dir, ignore_errors=True)
+    _print_problems(run_checks(store, run_id))
     print(f"report: {store.url_of(layout.evaluate_report_html_key(run_id))}")
     return 0
+
+
+def _print_problems(checks: list[QualityCheck]) -> None:
+    """After the stage table, what the run's results should not be trusted for."""
+    bad = problems(checks)
+    if not checks:
+        return
+    if not bad:
+        print(f"quality: all {len(checks)} checks ok")
+        return
+    counts = summary(checks)
+    print(f"quality: {counts['fail']} fail, {counts['warn']} warn, {counts['ok']} ok")
+    for check in bad:
+        print(f"  {check.line()}")
 
 
 def _absolute(url: str) -> str:

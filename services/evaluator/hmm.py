@@ -83,6 +83,8 @@ class Candidate:
     loglik_heldout: float
     aic: float
     bic: float
+    #: Fewer free parameters than the scalar values it was fitted to; only these are chosen.
+    identifiable: bool
 
     def criterion(self, select_by: str) -> float:
         """Lower is better, whatever the criterion."""
@@ -96,6 +98,7 @@ class Candidate:
             "loglik_heldout": self.loglik_heldout,
             "aic": self.aic,
             "bic": self.bic,
+            "identifiable": self.identifiable,
             "model": candidate_model_name(self.n_states),
         }
 
@@ -190,7 +193,9 @@ def _fit_candidates(
         n_params = n_parameters(k, x.shape[1], spec.cov_type)
         aic, bic = information_criteria(loglik, n_params, len(x))
         heldout = _heldout_loglik(model, split, runs)
-        candidates.append(Candidate(k, model, n_params, loglik, heldout, aic, bic))
+        candidates.append(
+            Candidate(k, model, n_params, loglik, heldout, aic, bic, n_params < x.size)
+        )
     return candidates
 
 
@@ -250,7 +255,11 @@ def run_hmm(store: Store, run_ids: list[str], spec: HMMSpec) -> HMMAnalysis:
     runs = [load_run_observations(store, layout.validate_run_id(r), spec.features) for r in run_ids]
     split = choose_split(run_ids, spec.seed)
     candidates = _fit_candidates(runs, split, spec)
-    chosen = min(candidates, key=lambda c: c.criterion(spec.select_by))
+    # A model with as many free parameters as observed values fits anything: choosing it
+    # would report states that are noise. With none identifiable, the smallest is kept and
+    # the evaluator's quality check fails.
+    eligible = [c for c in candidates if c.identifiable] or candidates[:1]
+    chosen = min(eligible, key=lambda c: c.criterion(spec.select_by))
     model = _ordered_by_time(fit_best([r.z for r in runs], chosen.n_states, spec), runs)
     loglik = float(model.score(np.concatenate([r.z for r in runs]), [len(r) for r in runs]))
     states = {r.run_id: model.predict(r.z) for r in runs}

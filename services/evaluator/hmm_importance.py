@@ -30,6 +30,8 @@ from services.evaluator.hmm_models import full_covariances
 
 #: Features named beside each transition (graph labels, report tables).
 TOP_FEATURES = 3
+#: A gradient this small (z-score units) is numerically zero: it labels nothing.
+NEGLIGIBLE_IMPORTANCE = 1e-9
 
 
 def log_emissions(model: GaussianHMM, x: np.ndarray) -> np.ndarray:
@@ -77,8 +79,15 @@ class Transition:
     importance: dict[str, float]
 
     def top_features(self, count: int = TOP_FEATURES) -> list[tuple[str, float]]:
+        """The features that most move the posterior; none whose gradient is numerically 0.
+
+        A transition the model makes regardless of the observation (its posterior saturated)
+        has gradients like 1e-241: labelling it with a feature would be noise.
+        """
         ranked = sorted(self.importance.items(), key=lambda item: -abs(item[1]))
-        return ranked[:count]
+        return [(name, value) for name, value in ranked if abs(value) > NEGLIGIBLE_IMPORTANCE][
+            :count
+        ]
 
     def to_json(self) -> dict[str, object]:
         return {

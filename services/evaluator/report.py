@@ -45,6 +45,10 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left}
 .absent{background:#fff6e0;border-left:4px solid #e0a800;padding:.5em 1em}
+#quality{padding:.5em 1em;margin:1em 0;border-left:6px solid}
+#quality.fail{background:#fde8e8;border-color:#c62828}#quality.warn{background:#fff6e0;border-color:#e0a800}
+#quality.ok{background:#e8f5e9;border-color:#2e7d32}#quality li{margin:.2em 0}
+.verdict-fail{color:#c62828;font-weight:bold}.verdict-warn{color:#8a6d00;font-weight:bold}
 img{max-width:100%}pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
 nav a{margin-right:1em}
 """
@@ -200,7 +204,8 @@ def _detection(r: Report) -> str:
 def _hmm(r: Report) -> str:
     h = r.data["hmm"]
     rows = [[t["from"], t["to"], t.get("count"), t.get("probability"),
-             ", ".join(map(str, t.get("top_features", [])[:3]))] for t in h.get("transitions", [])]  # fmt: skip
+             ", ".join(f"{name} {value:+.2g}" for name, value in t.get("top_features", [])[:3])
+             or "none (numerically zero)"] for t in h.get("transitions", [])]  # fmt: skip
     return (
         f"<p>{h.get('n_states')} states, selected by {escape(str(h.get('selected_by')))}"
         + (f"; fitted by <code>driftlab hmm</code> over {len(h['ensemble_of'])} runs: "
@@ -251,6 +256,31 @@ _RENDER = {
 }
 
 
+def _where(check: dict[str, Any]) -> str:
+    return f"{check['stage']}[{check['shard']}]" if check.get("shard") else str(check["stage"])
+
+
+def _quality_banner(r: Report) -> str:
+    """The page opens with what not to trust: every fail and warn, with its fix."""
+    checks = r.data.get("quality", [])
+    bad = [c for c in checks if c["verdict"] != "ok"]
+    ok = len(checks) - len(bad)
+    if not bad:
+        return (f'<div id="quality" class="ok"><strong>Quality: all {ok} checks '
+                "passed.</strong></div>")  # fmt: skip
+    worst = "fail" if any(c["verdict"] == "fail" for c in bad) else "warn"
+    items = "".join(
+        f'<li><span class="verdict-{c["verdict"]}">{c["verdict"].upper()}</span> '
+        f"{escape(_where(c))} <code>{escape(c['check'])}</code>: {escape(c['message'])}</li>"
+        for c in bad
+    )
+    counts = ", ".join(f"{sum(c['verdict'] == v for c in bad)} {v}" for v in ("fail", "warn"))
+    return (
+        f'<div id="quality" class="{worst}"><strong>Quality: {counts}, {ok} ok.</strong> '
+        f"Read the numbers below with these in mind.<ul>{items}</ul></div>"
+    )
+
+
 def render_html(report: Report) -> str:
     sections = []
     for sid in SECTION_IDS:
@@ -264,5 +294,6 @@ def render_html(report: Report) -> str:
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{title}</title><style>{_STYLE}</style></head><body>"
-        f"<h1>{title}</h1><nav>{nav}</nav>{''.join(sections)}</body></html>"
+        f"<h1>{title}</h1>{_quality_banner(report)}<nav>{nav}</nav>{''.join(sections)}"
+        "</body></html>"
     )

@@ -16,8 +16,10 @@ from typing import Any
 from services.evaluator import agreement
 from services.evaluator.detection import evaluate_detection
 from services.evaluator.explorer import explore
+from services.evaluator.quality import STAGE, hmm_checks
 from shared import layout
 from shared.errors import ArtifactNotFound, DriftlabError
+from shared.quality import QualityCheck, run_checks, summary, worst_first
 from shared.spec import RunSpec, model_sizes
 from shared.steps import complete_steps, eval_metrics
 from shared.store import Store
@@ -34,6 +36,8 @@ class Report:
     figures: dict[str, bytes] = field(default_factory=dict)
     svgs: dict[str, str] = field(default_factory=dict)
     absent: dict[str, str] = field(default_factory=dict)
+    #: The evaluator's own verdicts (the HMM's); `data["quality"]` holds every stage's.
+    own_checks: list[QualityCheck] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": 1, "run_id": self.run_id, **self.data, "absent": self.absent}
@@ -277,4 +281,13 @@ def build(store: Store, run_id: str, spec: RunSpec, device: str = "cpu") -> Repo
     hmm_changes = hmm(report, store, run_id, spec)
     phases(report, spec, checkpoints, hmm_changes, ot_phases)
     explorer(report, store, run_id, spec, device)
+    quality(report, store, run_id)
     return report
+
+
+def quality(report: Report, store: Store, run_id: str) -> None:
+    """Every stage's verdicts and the evaluator's own, worst first, with their counts."""
+    report.own_checks = hmm_checks(report.data.get("hmm"))
+    checks = worst_first([*run_checks(store, run_id, exclude=[STAGE]), *report.own_checks])
+    report.data["quality"] = [c.to_json() for c in checks]
+    report.data["quality_summary"] = summary(checks)

@@ -27,10 +27,13 @@ def evaluate(ctx: StageContext) -> None:
         progress.update(1)
         key = write_report(ctx.store, report)
         progress.update(1)
+    ctx.judge(*report.own_checks)
     detector = report.data.get("detection", {}).get("scores", {}).get("detector", {})
     ctx.headline.update(
         absent=sorted(report.absent),
         detector_auroc=detector.get("auroc"),
         hmm_states=report.data.get("hmm", {}).get("n_states"),
+        quality_fails=report.data["quality_summary"]["fail"],
+        quality_warns=report.data["quality_summary"]["warn"],
     )
     ctx.log.info("report: %s", ctx.store.url_of(key))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from services.sae.artifacts import load_sae
+from services.sae.detect_quality import detection_checks
 from services.sae.detector import TEST, TRAIN, best_layer, fit_and_score, split_by_question
 from services.sae.generate import Generation, Sampling, generate
 from services.sae.plan import detect_layers, final_checkpoint
@@ -88,6 +89,7 @@ def run_detect(ctx: StageContext) -> None:
         dense_probe_auroc=round(metrics["scores"][DENSE_PROBE]["auroc"], 4),
     )
     push_metrics(ctx.stage, run_id, {"driftlab_detect_auroc": detector["auroc"]})
+    ctx.judge(*detection_checks(metrics, DETECTOR))
     ctx.log.info(
         "%d answers (%s); test AUROC: detector %.3f, dense probe %.3f (layer %d)",
         len(answers),

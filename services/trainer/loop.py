@@ -29,6 +29,7 @@ from services.trainer.checkpoint import (
 )
 from services.trainer.dynamics import dynamics_metrics
 from services.trainer.evaluation import evaluate, token_loss_sum
+from services.trainer.quality import trainer_checks
 from shared import layout
 from shared.data import Task, load_task, tokenize_examples
 from shared.errors import ArtifactNotFound, DriftlabError
@@ -45,7 +46,7 @@ from shared.models import (
 )
 from shared.spec import RunSpec, section_digest
 from shared.stage import StageContext
-from shared.steps import complete_steps
+from shared.steps import complete_steps, eval_metrics
 from shared.store import Store
 from shared.tokenizer import Tokenizer, load_tokenizer
 
@@ -265,7 +266,7 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
         if full.model is None or full.optim is None:
             return
         step, analysed = state.step, full.model
-        eval_metrics = evaluate(
+        step_eval = evaluate(
             analysed, task, tokenizer, eval_ids, t.batch_size, spec.data.max_length
         )
         dyn = dynamics_metrics(analysed, full.grads or None)
@@ -275,15 +276,15 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
             store.put_tensors(layout.checkpoint_grads_key(run_id, step), full.grads)
         store.put_json(
             layout.checkpoint_dynamics_key(run_id, step),
-            {"step": step, "eval": eval_metrics, "dynamics": dyn, "train": step_metrics},
+            {"step": step, "eval": step_eval, "dynamics": dyn, "train": step_metrics},
         )
         if not dynamics_rows or dynamics_rows[-1]["step"] != step:
             dynamics_rows.append({"step": step, **dyn})
         _write_jsonl(store, layout.train_metrics_key(run_id), metrics_rows)
         _write_jsonl(store, layout.train_dynamics_key(run_id), dynamics_rows)
         store.put_json(layout.checkpoint_done_key(run_id, step), {"step": step})
-        ctx.headline.update({f"final_{k}": v for k, v in eval_metrics.items()})
-        log.info("checkpoint step %d: %s", step, _fmt(eval_metrics))
+        ctx.headline.update({f"final_{k}": v for k, v in step_eval.items()})
+        log.info("checkpoint step %d: %s", step, _fmt(step_eval))
 
     if state.step == 0 and source is None:
         checkpoint({})
@@ -333,6 +334,9 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
     ctx.headline.update(
         final_loss=step_metrics.get("loss"), steps=state.step, tokens=state.tokens_seen
     )
+    if world.primary and state.step > 0:
+        final_eval = eval_metrics(store, run_id, [state.step])[state.step]
+        ctx.judge(*trainer_checks(final_eval, task.eval, metrics_rows))
 
 
 def _step(
