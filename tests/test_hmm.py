@@ -24,7 +24,11 @@ from services.evaluator.hmm import (
 from services.evaluator.hmm_curves import Curve, convergence_step
 from services.evaluator.hmm_data import HMMError, choose_split, zscore_params
 from services.evaluator.hmm_detour import detour_analysis
-from services.evaluator.hmm_importance import filtered_log_posteriors, posterior_gradients
+from services.evaluator.hmm_importance import (
+    NEGLIGIBLE_IMPORTANCE,
+    filtered_log_posteriors,
+    posterior_gradients,
+)
 from services.evaluator.hmm_models import fit_best, model_from_tensors, model_tensors, n_parameters
 from shared import layout
 from shared.cli import main
@@ -133,10 +137,14 @@ def test_analysis_json_has_the_promised_shape(recovered):
     for edge in body["transitions"]:
         assert edge["from"] != edge["to"] and edge["count"] >= 1
         assert 0.0 < edge["probability"] < 1.0
+        assert set(edge["importance"]) == set(FEATURES)
+        # States this well separated saturate the posterior: gradients of ~1e-12 are
+        # numerically zero and label nothing; whatever is listed is ranked and non-zero.
         names = [name for name, _ in edge["top_features"]]
-        assert set(names) <= set(FEATURES) and len(names) == 3
+        assert set(names) <= set(FEATURES) and len(names) <= 3
         magnitudes = [abs(v) for _, v in edge["top_features"]]
         assert magnitudes == sorted(magnitudes, reverse=True)
+        assert all(m > NEGLIGIBLE_IMPORTANCE for m in magnitudes)
     # 6 runs but no loss curves: the detour analysis is absent and says why
     assert body["detour"] is None and any("curve" in n for n in body["notes"])
 
