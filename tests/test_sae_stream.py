@@ -1,7 +1,9 @@
 """SAEs on a token stream: the mixing buffer, activations made by the model, the stage with
-`sae.source: stream`."""
+`sae.source: stream`, and the quality verdicts on an SAE's metrics."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from services.sae.batches import Batches, input_scale
 from services.sae.buffer import MixingBuffer
 from services.sae.fit import Schedule, fit
 from services.sae.models import build_sae
+from services.sae.quality import sae_checks
 from services.sae.sources import stream_source
 from services.sae.stream import Sequences, first_tokens, layer_activations
 from services.trainer.__main__ import TRAIN as TRAINER
@@ -20,7 +23,7 @@ from shared import hidden, layout
 from shared.data import load_task
 from shared.models import load_model
 from shared.registry import create_run
-from shared.spec import RunSpec, SAESpec, apply_overrides, parse_spec
+from shared.spec import RunSpec, SAESpec, apply_overrides, parse_spec, spec_to_yaml
 from shared.stage import stage_main
 from shared.store import open_store
 from shared.tokenizer import load_tokenizer
@@ -225,6 +228,95 @@ def test_stage_streams_the_training_set_into_good_saes(tiny_run):
         assert metrics["ce"]["tokens"] == evaluation["tokens"] - evaluation["samples"]
         assert metrics["explained_variance"] > 0.8, (layer, metrics)
         assert metrics["ce"]["ce_loss_recovered"] > 0.8, (layer, metrics["ce"])
+        status = store.get_json(layout.status_key(run_id, "sae", f"layer-{layer:02d}"))
+        verdicts = {q["check"]: q["verdict"] for q in status["quality"]}
+        assert verdicts["explained_variance"] == "ok" and verdicts["fvu"] == "ok"
+        assert verdicts["held_out_tokens"] == "warn"  # 500 < 1000, as asked for
+
+
+def test_an_sae_trained_for_two_steps_fails(tiny_run):
+    store, run_id = tiny_run
+    original = store.get_text(layout.spec_key(run_id))
+    spec = apply_overrides(parse_spec(original), {"sae.tokens": 128, "sae.layers": [2]})
+    store.put_text(layout.spec_key(run_id), spec_to_yaml(spec))
+    try:
+        args = ["train", "--run", run_id, "--store", store.url, "--device", "cpu", "--force"]
+        assert stage_main([TRAIN], [*args, "--layer", "2"]) == 0
+    finally:
+        store.put_text(layout.spec_key(run_id), original)
+    report = store.get_json(layout.sae_config_key(run_id, 2))
+    assert report["training"]["steps"] == 2
+    status = store.get_json(layout.status_key(run_id, "sae", "layer-02"))
+    fails = {q["check"] for q in status["quality"] if q["verdict"] == "fail"}
+    assert {"explained_variance", "fvu"} <= fails, status["quality"]
+    assert all(q["shard"] == "layer-02" and q["stage"] == "sae" for q in status["quality"])
+
+
+# -- quality verdicts --------------------------------------------------------------------
+
+GOOD = {
+    "explained_variance": 0.92,
+    "fvu": 0.08,
+    "dead_fraction": 0.02,
+    "l0": 12.0,
+    "ce": {"ce_loss_recovered": 0.95},
+}
+HELD_OUT = {"held_out": True, "tokens": 2400}
+
+
+def _verdicts(metrics=None, evaluation=None, **spec) -> dict[str, tuple[str, str]]:
+    checks = sae_checks(
+        {**GOOD, **(metrics or {})}, 64, {**HELD_OUT, **(evaluation or {})}, SAESpec(**spec)
+    )
+    return {c.check: (c.verdict, c.message) for c in checks}
+
+
+def test_good_metrics_pass_every_check():
+    verdicts = _verdicts()
+    assert set(verdicts) == {
+        "explained_variance", "fvu", "dead_fraction", "l0", "held_out_tokens",
+        "ce_loss_recovered",
+    }  # fmt: skip
+    assert {v for v, _ in verdicts.values()} == {"ok"}, verdicts
+
+
+@pytest.mark.parametrize(
+    ("metrics", "check", "verdict", "says"),
+    [
+        ({"explained_variance": 0.3}, "explained_variance", "fail", "sae.tokens"),
+        ({"explained_variance": 0.7}, "explained_variance", "warn", "lower sae.l0_coeff"),
+        ({"explained_variance": -1.32}, "explained_variance", "fail", "sae.tokens"),
+        ({"fvu": 1.0}, "fvu", "fail", "sae.tokens"),
+        ({"fvu": 2.3}, "fvu", "fail", "sae.lr"),
+        ({"dead_fraction": 0.2}, "dead_fraction", "warn", "sae.expansion"),
+        ({"dead_fraction": 0.6}, "dead_fraction", "warn", "sae.tokens"),
+        ({"dead_fraction": 0.95}, "dead_fraction", "fail", "sae.expansion"),
+        ({"l0": 40.0}, "l0", "warn", "raise sae.l0_coeff"),
+        ({"l0": 130.0}, "l0", "fail", "not sparse"),
+        ({"l0": 0.4}, "l0", "warn", "lower sae.l0_coeff"),
+        ({"ce": {"ce_loss_recovered": 0.7}}, "ce_loss_recovered", "warn", "sae.tokens"),
+        ({"ce": {"ce_loss_recovered": 0.2}}, "ce_loss_recovered", "fail", "sae.l0_coeff"),
+        ({"ce": {"ce_loss_recovered": math.nan}}, "ce_loss_recovered", "fail", "NaN"),
+    ],
+)
+def test_bad_metrics_get_their_verdict_and_a_fix(metrics, check, verdict, says):
+    verdicts = _verdicts(metrics)
+    assert verdicts[check][0] == verdict and says in verdicts[check][1], verdicts[check]
+    assert all(v == "ok" for name, (v, _) in verdicts.items() if name != check)
+
+
+def test_sparsity_fixes_name_the_arch_knob_and_held_out_tokens_are_counted():
+    assert "lower sae.k" in _verdicts({"l0": 40.0}, arch="topk", k=40)["l0"][1]
+    assert (
+        "raise sae.k"
+        in _verdicts({"explained_variance": 0.6}, arch="topk", k=8)["explained_variance"][1]
+    )
+    assert "raise sae.l1_coeff" in _verdicts({"l0": 40.0}, arch="relu")["l0"][1]
+    verdict, message = _verdicts(evaluation={"tokens": 565})["held_out_tokens"]
+    assert verdict == "warn" and "sae.eval_tokens" in message and "565" in message
+    verdict, message = _verdicts(evaluation={"held_out": False}, source="probe")["held_out_tokens"]
+    assert verdict == "warn" and "held-out tokens 0 " in message
+    assert "sae.holdout_fraction" in message
 
 
 def test_spec_defaults_to_a_token_budget_and_a_buffer_of_two_batches_at_least():

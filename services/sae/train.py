@@ -1,9 +1,10 @@
-"""`sae train` for one layer: get the activations, fit the SAE, measure it, store it.
+"""`sae train` for one layer: get the activations, fit the SAE, measure and judge it, store it.
 
 Where the activations come from, and which tokens judge the SAE, is `sae.source`
 (`services.sae.sources`): the training split streamed through the checkpoint (default),
 or the extracted probe. The metrics and CE-loss-recovered are always measured on text
-the SAE never trained on.
+the SAE never trained on, and the stage ends with quality verdicts on them
+(`services.sae.quality`).
 
 TopK's dead-latent window is Gao et al.'s 10M tokens, shortened to a tenth of the training
 tokens for small budgets (a window longer than training would never call a latent dead).
@@ -22,6 +23,7 @@ from services.sae.fit import FitSummary, NonFiniteLoss, Schedule, fit
 from services.sae.metrics import ce_recovered, reconstruction_metrics
 from services.sae.models import build_sae
 from services.sae.plan import training_step
+from services.sae.quality import sae_checks
 from services.sae.sources import SAETrainingError, Source, probe_source, stream_source
 from shared.errors import InputMissing
 from shared.hidden import load_index
@@ -54,7 +56,7 @@ def sae_config(spec: SAESpec, d_in: int, train_tokens: int) -> SAEConfig:
 
 
 def train_layer(ctx: StageContext) -> None:
-    """The stage's `run`: one layer's SAE, its metrics and its artifacts."""
+    """The stage's `run`: one layer's SAE, its metrics, verdicts and artifacts."""
     run_id, store, spec = ctx.run_id, ctx.store, ctx.spec.sae
     layer: int = ctx.args.layer
     step = training_step(store, run_id, spec)
@@ -109,6 +111,7 @@ def train_layer(ctx: StageContext) -> None:
         "metrics": metrics,
     }
     save_sae(store, run_id, layer, sae.cpu(), report)
+    ctx.judge(*sae_checks(metrics, d_in, source.evaluation, spec))
     ctx.headline.update(
         l0=round(reconstruction["l0"], 3),
         explained_variance=round(reconstruction["explained_variance"], 4),
