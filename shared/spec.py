@@ -642,10 +642,10 @@ class SAESpec(_Section):
     """Features per input dimension (d_sae = expansion * n_embd); 5 as GhostTrack (1024 -> 5120)."""
     k: Int | None = Field(default=None, gt=0)
     """Active features per token; required by (and only used by) arch topk."""
-    sparsity_loss: Literal["step", "tanh", "target_l0"] = "step"
-    """JumpReLU sparsity penalty: L0 via step, its tanh relaxation, or distance to target_l0."""
-    l0_coeff: Float = Field(default=1e-3, ge=0)
-    """Weight of the JumpReLU sparsity penalty; inputs have unit mean squared norm, so 1e-3 prices one active feature at 0.1% of their power."""
+    sparsity_loss: Literal["step", "tanh", "target_l0"] = "tanh"
+    """JumpReLU sparsity penalty: its tanh relaxation of L0 (reaches the encoder, so it sparsifies within a short budget), L0 via step (only the thresholds learn from it, slowly), or distance to target_l0."""
+    l0_coeff: Float = Field(default=3e-3, ge=0)
+    """Weight of the JumpReLU sparsity penalty; inputs have unit mean squared norm, so 3e-3 prices one strongly active feature at 0.3% of their power."""
     target_l0: Float | None = Field(default=None, gt=0)
     """Active features per token aimed at by sparsity_loss target_l0."""
     l1_coeff: Float = Field(default=3e-2, ge=0)
