@@ -289,7 +289,7 @@ def test_good_metrics_pass_every_check():
         ({"fvu": 1.0}, "fvu", "fail", "sae.tokens"),
         ({"fvu": 2.3}, "fvu", "fail", "sae.lr"),
         ({"dead_fraction": 0.2}, "dead_fraction", "warn", "sae.expansion"),
-        ({"dead_fraction": 0.6}, "dead_fraction", "warn", "sae.tokens"),
+        ({"dead_fraction": 0.6}, "dead_fraction", "warn", "lower sae.l0_coeff"),
         ({"dead_fraction": 0.95}, "dead_fraction", "fail", "sae.expansion"),
         ({"l0": 40.0}, "l0", "warn", "raise sae.l0_coeff"),
         ({"l0": 130.0}, "l0", "fail", "not sparse"),

@@ -46,7 +46,7 @@ def sae_checks(
                 fix=f"{more}, or lower sae.lr if the loss did not fall", fail=1.0),
         at_most(STAGE, "dead_fraction", metrics["dead_fraction"],
                 what="share of features never firing on held-out tokens",
-                fix=f"lower sae.expansion if the activations need fewer features, or {more}",
+                fix=f"lower sae.expansion (the activations may need fewer features) or {denser}",
                 fail=0.9, warn=0.1),
         _l0(metrics["l0"], d_in, sparser, denser),
         _held_out_tokens(evaluation, spec.source),
