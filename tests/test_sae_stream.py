@@ -18,6 +18,7 @@ from services.sae.models import build_sae
 from services.sae.quality import sae_checks
 from services.sae.sources import stream_source
 from services.sae.stream import Sequences, first_tokens, layer_activations
+from services.sae.train import SMALL_MATMUL, _small_steps_on_one_thread
 from services.trainer.__main__ import TRAIN as TRAINER
 from shared import hidden, layout
 from shared.data import load_task
@@ -325,3 +326,14 @@ def test_spec_defaults_to_a_token_budget_and_a_buffer_of_two_batches_at_least():
     assert SAESpec(epochs=3).tokens is None
     with pytest.raises(ValueError, match="buffer_tokens 300 holds fewer than two batches"):
         SAESpec(batch_size=256, buffer_tokens=300)
+
+
+def test_small_saes_train_on_one_cpu_thread_and_leave_the_count_as_it_was():
+    torch.set_num_threads(2)
+    with _small_steps_on_one_thread(CPU, 256 * 64 * 320):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with _small_steps_on_one_thread(CPU, SMALL_MATMUL):
+        assert torch.get_num_threads() == 2
+    with _small_steps_on_one_thread(torch.device("cuda"), 1):
+        assert torch.get_num_threads() == 2
