@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -17,7 +18,14 @@ from services.sae.fit import Schedule, fit
 from services.sae.models import build_sae
 from services.sae.quality import sae_checks
 from services.sae.sources import stream_source
-from services.sae.stream import Sequences, first_tokens, layer_activations
+from services.sae.stream import (
+    FORWARD_TOKENS,
+    Sequences,
+    first_tokens,
+    forward_groups,
+    layer_activations,
+    pass_order,
+)
 from services.sae.train import SMALL_MATMUL, _small_steps_on_one_thread
 from services.trainer.__main__ import TRAIN as TRAINER
 from shared import hidden, layout
@@ -185,6 +193,26 @@ def test_streamed_activations_are_the_extracted_hidden_states(tiny_run):
         # the probe keeps every token (policy all), sequence by sequence, in order
         torch.testing.assert_close(streamed, hidden.load_hidden(store, run_id, 60, layer))
     assert reached == ["last block"]  # the forward pass stops at the layer asked for
+
+
+def test_a_pass_visits_every_sequence_once_in_passes_of_alike_lengths():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 300, (5000,), generator=generator)
+    order = pass_order(lengths, window=1000, generator=generator)
+    assert sorted(order.tolist()) == list(range(5000))
+    windows = lengths[order].split(1000)
+    assert all(bool((w[1:] >= w[:-1]).all()) for w in windows)  # sorted within a window
+    assert not torch.equal(order[:1000].sort().values, torch.arange(1000))  # shuffled across
+    groups = list(forward_groups(lengths[order]))
+    assert groups[0][0] == 0 and groups[-1][1] == 5000
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))
+    sizes = [(end - start) * int(lengths[order[start:end]].max()) for start, end in groups]
+    assert max(sizes) <= FORWARD_TOKENS
+    shuffled = lengths[torch.randperm(5000, generator=generator)]
+    random_sizes = [(e - s) * int(shuffled[s:e].max()) for s, e in forward_groups(shuffled)]
+    real = int(lengths.sum())
+    assert sum(sizes) < 1.1 * real < 0.75 * sum(random_sizes)  # padding: < 10% against ~50%
+    assert list(forward_groups(torch.tensor([FORWARD_TOKENS + 5, 3]))) == [(0, 1), (1, 2)]
 
 
 def test_first_tokens_takes_whole_sequences_until_enough():

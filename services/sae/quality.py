@@ -59,10 +59,11 @@ def sae_checks(
 def _l0(l0: float, d_in: int, sparser: str, denser: str) -> QualityCheck:
     """Active features per token: fewer than half the input dimensions, at least one."""
     if l0 < 1:
-        return judged(STAGE, "l0", l0, 1.0, "warn",
-                      f"L0 {l0:.3g} is below 1: most tokens use no feature at all; {denser}")  # fmt: skip
-    return at_most(STAGE, "l0", l0, what=f"L0 (active features per token, of d_in {d_in})",
-                   fix=f"the code is not sparse; {sparser}", warn=d_in / 2, fail=d_in)  # fmt: skip
+        message = f"L0 {l0:.3g} is below 1: most tokens use no feature at all; {denser}"
+        return judged(STAGE, "l0", l0, 1.0, "warn", message)
+    what = f"L0 (active features per token, of d_in {d_in})"
+    fix = f"the code is not sparse; {sparser}"
+    return at_most(STAGE, "l0", l0, what=what, fix=fix, warn=d_in / 2, fail=d_in)
 
 
 def _held_out_tokens(evaluation: Mapping[str, Any], source: str) -> QualityCheck:

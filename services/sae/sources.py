@@ -89,7 +89,7 @@ def stream_source(
         batches = Batches(data, rows, sae.batch_size, device, scale, sae.seed)
         mode = "resident"
     else:
-        chunks = endless_chunks(model, layer, train, sae.seed)
+        chunks = endless_chunks(model, layer, train, sae.buffer_tokens // 4, sae.seed)
         buffer = MixingBuffer(chunks, sae.buffer_tokens, sae.batch_size, sae.seed)
         scale, mean = input_scale(buffer.contents, torch.arange(len(buffer.contents)))
         batches = buffer.batches(scale)

@@ -2,7 +2,7 @@
 
 This is what lets an SAE train on the run's training data rather than on the few thousand
 probe tokens the extractor stores: the training sequences go through the model in
-forward passes of about `FORWARD_TOKENS` padded tokens, and a hook at the SAE's layer
+forward passes of at most `FORWARD_TOKENS` padded tokens, and a hook at the SAE's layer
 (0: after the embeddings, l: after block l, before ln_f, as the extractor stores it) keeps
 the hidden states of the real tokens and stops the forward pass right there, so the blocks
 above, the final norm and the language-model head are never computed.
@@ -105,13 +105,38 @@ def layer_activations(model: nn.Module, layer: int, seqs: Sequences) -> torch.Te
     return kept[0]
 
 
+def forward_groups(lengths: torch.Tensor) -> Iterator[tuple[int, int]]:
+    """(start, end) of consecutive sequences that make one forward pass: as many as fit in
+    `FORWARD_TOKENS` once padded to the longest of them, and always at least one."""
+    values = lengths.tolist()
+    start = 0
+    while start < len(values):
+        longest, end = values[start], start + 1
+        while end < len(values) and (end + 1 - start) * max(longest, values[end]) <= FORWARD_TOKENS:
+            longest = max(longest, values[end])
+            end += 1
+        yield start, end
+        start = end
+
+
+def pass_order(lengths: torch.Tensor, window: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order of every sequence, sorted by length within windows of `window`.
+
+    Forward passes then group sequences of about one length, so little is spent on padding
+    (a random batch of corpus texts is mostly padding), while each window, a fraction of the
+    mixing buffer, still holds a random sample of every kind of sequence.
+    """
+    order = torch.randperm(len(lengths), generator=generator)
+    parts = [order[i : i + window] for i in range(0, len(order), window)]
+    return torch.cat([part[torch.argsort(lengths[part], stable=True)] for part in parts])
+
+
 def chunks(
     model: nn.Module, layer: int, seqs: Sequences, order: torch.Tensor
 ) -> Iterator[torch.Tensor]:
     """Activations of `seqs` taken in `order`, one forward pass of them at a time."""
-    per_pass = max(1, FORWARD_TOKENS // seqs.ids.shape[1])
-    for start in range(0, len(order), per_pass):
-        yield layer_activations(model, layer, seqs.select(order[start : start + per_pass]))
+    for start, end in forward_groups(seqs.lengths[order]):
+        yield layer_activations(model, layer, seqs.select(order[start:end]))
 
 
 def all_activations(model: nn.Module, layer: int, seqs: Sequences) -> torch.Tensor:
@@ -120,9 +145,11 @@ def all_activations(model: nn.Module, layer: int, seqs: Sequences) -> torch.Tens
 
 
 def endless_chunks(
-    model: nn.Module, layer: int, seqs: Sequences, seed: int
+    model: nn.Module, layer: int, seqs: Sequences, window_tokens: int, seed: int
 ) -> Iterator[torch.Tensor]:
-    """Activations of pass after pass over `seqs`, each pass in a new seeded order."""
+    """Activations of pass after pass over `seqs`, each in a new seeded `pass_order` whose
+    windows hold about `window_tokens` tokens."""
     generator = torch.Generator().manual_seed(seed)
+    window = max(1, window_tokens * len(seqs) // seqs.n_tokens)
     while True:
-        yield from chunks(model, layer, seqs, torch.randperm(len(seqs), generator=generator))
+        yield from chunks(model, layer, seqs, pass_order(seqs.lengths, window, generator))
