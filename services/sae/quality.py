@@ -6,7 +6,7 @@ thresholds follow what SAE papers report for usable dictionaries (explained vari
 0.8 and more, CE loss recovered of 0.8 and more, few dead latents); each warn or fail says
 which spec field to change. Dead features waste capacity but do not make the live ones
 wrong, so only a collapsed dictionary (90% dead) fails: a toy model's activations can have
-so few dimensions (99% of the variance in 4 to 14 of 64 on the demo) that a sparse
+so few dimensions (99% of the variance in 5 to 15 of 64 on the demo) that a sparse
 dictionary of 320 features leaves most unused. Kept apart from the stage so the checks can
 be tested on hand-made metrics.
 """

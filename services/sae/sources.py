@@ -27,7 +27,7 @@ from torch import nn
 from services.sae.batches import Batches, input_scale, place
 from services.sae.buffer import MixingBuffer
 from services.sae.stream import Sequences, all_activations, endless_chunks, first_tokens
-from shared.data import load_task, tokenize_examples
+from shared.data import Example, load_task, tokenize_examples
 from shared.errors import DriftlabError
 from shared.hidden import Probe, load_hidden, load_probe
 from shared.spec import RunSpec, SAESpec
@@ -74,7 +74,7 @@ def stream_source(
     task = load_task(spec.data)
     tokenizer = load_tokenizer(spec.data.tokenizer)
 
-    def sequences(examples: Any) -> Sequences:
+    def sequences(examples: list[Example]) -> Sequences:
         return Sequences.pad(
             tokenize_examples(examples, tokenizer, spec.data.max_length), tokenizer.pad_id
         )
