@@ -17,9 +17,19 @@ fraction is against the larger. Published figures (other hardware, not re-measur
 are printed as ratios for orientation in the GhostTrack shape (1024 -> 5120): GhostTrack ~33,000 samples/s and SAELens ~55,000
 tokens/s end to end, both on an A100; the goal on one H100 is 1,000,000 samples/s.
 
-Imports only torch and the service's model code, so it runs on a bare GPU machine.
+With `--stream` it instead sets the two sources of `sae.source` side by side, one JSON
+object per layer: samples/s, wall and CPU seconds of training from a stored float16 tensor
+(the extracted probe's path) and of training on activations streamed from a GPT-2 model
+(random weights, random token sequences of up to `--seq-len`) through the mixing buffer,
+which is refilled during the timed steps (the data set holds several buffers), and their
+ratio (goal on a CPU: >= 0.8). Streaming costs one forward pass up to the layer per training
+sample, so the ratio falls with depth and with the model's size relative to the SAE's.
+
+Imports only torch and the service's model code (`--stream` also needs transformers), so it
+runs on a bare GPU machine.
 
 Usage: python benchmarks/bench_sae.py [--quick] [--device cpu|cuda] [--arch jumprelu ...]
+       python benchmarks/bench_sae.py --stream [--quick] [--n-layer 2 --d-in 64 ...]
 """
 
 from __future__ import annotations
@@ -34,8 +44,10 @@ import torch
 
 from services.sae.base import SAEConfig, SparseAutoencoder
 from services.sae.batches import Batches, input_scale, place
+from services.sae.buffer import MixingBuffer
 from services.sae.fit import Schedule, fit
 from services.sae.models import build_sae
+from services.sae.stream import Sequences, all_activations, endless_chunks
 
 PUBLISHED = {"ghosttrack_a100": 33_000.0, "saelens_a100": 55_000.0, "goal_h100": 1_000_000.0}
 ARCHS = ("jumprelu", "topk", "relu")
@@ -125,6 +137,68 @@ def run_case(args: argparse.Namespace, arch: str, peak: dict[str, float]) -> dic
     return record
 
 
+def _timed(sae: SparseAutoencoder, batches: Any, args: argparse.Namespace) -> dict[str, float]:
+    """Samples/s, wall and CPU seconds (every thread) of `args.steps` steps after a warm-up."""
+    stream = iter(batches)  # one iterator for both, so the timed steps continue the warm-up's
+    fit(sae, stream, Schedule(steps=args.warmup, lr=1e-4))
+    cpu = time.process_time()
+    summary = fit(sae, stream, Schedule(steps=args.steps, lr=1e-4), log_every=args.steps)
+    return {
+        "samples_per_second": round(summary.samples_per_second, 1),
+        "wall_s": round(summary.seconds, 3),
+        "cpu_s": round(time.process_time() - cpu, 3),
+    }
+
+
+def stream_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per layer: training from a stored tensor against training from the model's stream."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # only this case needs a model
+
+    device = torch.device(args.device)
+    head_dim = 64 if args.d_in % 64 == 0 else args.d_in
+    config = GPT2Config(
+        vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.d_in,
+        n_layer=args.n_layer, n_head=args.d_in // head_dim,
+        activation_function="gelu_pytorch_tanh",
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config).eval().to(device)
+    gen = torch.Generator().manual_seed(0)
+    n_seqs = 4 * args.buffer // (3 * args.seq_len // 4) + 1  # about four buffers of tokens
+    lengths = torch.randint(args.seq_len // 2, args.seq_len + 1, (n_seqs,), generator=gen)
+    ids = torch.randint(args.vocab, (n_seqs, args.seq_len), generator=gen)
+    seqs = Sequences(ids, lengths)
+    stored_seqs = seqs.select(torch.arange(args.tokens // args.seq_len + 1))
+    records = []
+    for layer in range(args.n_layer + 1):
+        stored = place(all_activations(model, layer, stored_seqs).to(torch.float16), device)
+        rows = torch.arange(len(stored))
+        scale, mean = input_scale(stored, rows)
+        sae = _sae("jumprelu", args.d_in, args.d_in * args.expansion, args.k).to(device)
+        sae.init_from_data(mean.to(device), scale)
+        tensor = _timed(sae, Batches(stored, rows, args.batch, device, scale, seed=0), args)
+        chunks = endless_chunks(model, layer, seqs, args.buffer // 4, seed=0)
+        buffer = MixingBuffer(chunks, args.buffer, args.batch, seed=0)
+        sae = _sae("jumprelu", args.d_in, args.d_in * args.expansion, args.k).to(device)
+        sae.init_from_data(mean.to(device), scale)
+        streamed = _timed(sae, buffer.batches(scale), args)
+        records.append({
+            "bench": "sae_stream",
+            "case": f"layer-{layer}-of-{args.n_layer}x{args.d_in}",
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "threads": torch.get_num_threads(),
+            "layer": layer, "n_layer": args.n_layer, "d_in": args.d_in,
+            "d_sae": args.d_in * args.expansion, "batch": args.batch, "steps": args.steps,
+            "seq_len": args.seq_len, "buffer_tokens": args.buffer,
+            "dataset_tokens": seqs.n_tokens, "stored_tokens": len(stored),
+            "tensor": tensor, "stream": streamed,
+            "ratio": round(streamed["samples_per_second"] / tensor["samples_per_second"], 3),
+            "cpu_ratio": round(tensor["cpu_s"] / streamed["cpu_s"], 3),
+            "goal": 0.8,
+            "loadavg_1m": round(os.getloadavg()[0], 2),
+        })  # fmt: skip
+    return records
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke configuration")
@@ -138,8 +212,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=None, help="rows of the layer tensor")
     parser.add_argument("--compile", action="store_true", help="torch.compile the loss")
+    parser.add_argument("--stream", action="store_true", help="stored tensor against stream")
+    parser.add_argument("--n-layer", type=int, default=None, help="--stream: model blocks")
+    parser.add_argument("--seq-len", type=int, default=None, help="--stream: longest sequence")
+    parser.add_argument("--vocab", type=int, default=256, help="--stream: vocabulary")
+    parser.add_argument("--buffer", type=int, default=None, help="--stream: buffer rows")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
+    if args.stream:
+        # the demo's model and SAE on a CPU (2 x 64, 320 features); GPT-2 small on a GPU
+        defaults = {"d_in": 64, "n_layer": 2, "seq_len": 16, "batch": 256, "buffer": 65_536,
+                    "steps": 512, "warmup": 16, "tokens": 65_536}  # fmt: skip
+        if cuda:
+            defaults = {"d_in": 768, "n_layer": 12, "seq_len": 128, "batch": 4096,
+                        "buffer": 1 << 20, "steps": 512, "warmup": 32,
+                        "tokens": 1 << 20}  # fmt: skip
+        if args.quick:
+            defaults.update(buffer=8192, steps=64, warmup=8, tokens=8192)
+        for name, value in defaults.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        for record in stream_cases(args):
+            print(json.dumps(record), flush=True)
+        return
     if args.quick:
         defaults = {"d_in": 64, "batch": 256, "steps": 50, "warmup": 5, "tokens": 8192}
     elif cuda:

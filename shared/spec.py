@@ -167,7 +167,7 @@ _DEFAULT_HMM_FEATURES: list[DynamicsFeature] = [
 #: Training length when a spec gives neither `train.steps` nor `train.epochs`.
 DEFAULT_TRAIN_STEPS = 200
 #: SAE training length when a spec gives neither `sae.epochs` nor `sae.tokens`.
-DEFAULT_SAE_EPOCHS = 5.0
+DEFAULT_SAE_TOKENS = 262_144
 
 
 # -- validation building blocks ----------------------------------------------------------
@@ -636,14 +636,16 @@ class SAESpec(_Section):
     """Hidden-state layers (0 = embeddings .. n_layer) to train an SAE on."""
     step: Int | None = Field(default=None, ge=0)
     """Checkpoint step whose hidden states train the SAEs; null: the last one."""
+    source: Literal["stream", "probe"] = "stream"
+    """Training activations: `stream` runs the checkpoint over the run's training data through a shuffled buffer; `probe` reads the extracted probe tokens (a few thousand at most)."""
     expansion: Int = Field(default=5, gt=0)
     """Features per input dimension (d_sae = expansion * n_embd); 5 as GhostTrack (1024 -> 5120)."""
     k: Int | None = Field(default=None, gt=0)
     """Active features per token; required by (and only used by) arch topk."""
-    sparsity_loss: Literal["step", "tanh", "target_l0"] = "step"
-    """JumpReLU sparsity penalty: L0 via step, its tanh relaxation, or distance to target_l0."""
-    l0_coeff: Float = Field(default=1e-3, ge=0)
-    """Weight of the JumpReLU sparsity penalty; inputs have unit mean squared norm, so 1e-3 prices one active feature at 0.1% of their power."""
+    sparsity_loss: Literal["step", "tanh", "target_l0"] = "tanh"
+    """JumpReLU sparsity penalty: its tanh relaxation of L0 (reaches the encoder, so it sparsifies within a short budget), L0 via step (only the thresholds learn from it, slowly), or distance to target_l0."""
+    l0_coeff: Float = Field(default=3e-3, ge=0)
+    """Weight of the JumpReLU sparsity penalty; inputs have unit mean squared norm, so 3e-3 prices one strongly active feature at 0.3% of their power."""
     target_l0: Float | None = Field(default=None, gt=0)
     """Active features per token aimed at by sparsity_loss target_l0."""
     l1_coeff: Float = Field(default=3e-2, ge=0)
@@ -661,34 +663,44 @@ class SAESpec(_Section):
     batch_size: Int = Field(default=256, gt=0)
     """Tokens per batch."""
     epochs: Float | None = Field(default=None, gt=0)
-    """Passes over the extracted tokens (default 5 when tokens is not set)."""
+    """Passes over the source's training tokens (the training set, or the probe's training share), instead of tokens."""
     tokens: Int | None = Field(default=None, gt=0)
-    """Training tokens in total, instead of epochs."""
+    """Training tokens in total (default 262,144 when epochs is not set); a small training set is cycled in a new shuffled order each pass."""
+    buffer_tokens: Int = Field(default=65_536, gt=0)
+    """Source stream: activations in the shuffling buffer (at least 2 batches), half refilled at a time; a training set this small is computed once."""
+    eval_tokens: Int = Field(default=2000, gt=0)
+    """Source stream: held-out tokens (eval split) the metrics are measured on; fewer when the split has fewer."""
     warmup_steps: Int = Field(default=0, ge=0)
     """Learning-rate warm-up steps."""
     sparsity_warmup_steps: Int = Field(default=0, ge=0)
     """Steps over which the sparsity coefficient ramps up from 0."""
     holdout_fraction: Float = Field(default=0.1, ge=0, lt=1)
-    """Share of tokens held out for the SAE's metrics (MSE, explained variance, L0, dead)."""
+    """Source probe: share of the probe's sequences held out for the SAE's metrics."""
     compile: bool = False
     """torch.compile the SAE."""
     seed: Seed = 0
-    """Seed for init, batching and the holdout split (follows run.seed)."""
+    """Seed for init, batching, the stream's order and the held-out choice (follows run.seed)."""
 
     @model_validator(mode="before")
     @classmethod
     def _epochs_or_tokens(cls, data: Any) -> Any:
-        """Exactly one training length; epochs by default, so a spec may name neither."""
+        """Exactly one training length; tokens by default, so a spec may name neither."""
         if not isinstance(data, dict):
             return data
         if data.get("epochs") is not None and data.get("tokens") is not None:
             raise _problem("set sae.epochs or sae.tokens, not both", "tokens")
         if data.get("epochs") is None and data.get("tokens") is None:
-            data = {**data, "epochs": DEFAULT_SAE_EPOCHS}
+            data = {**data, "tokens": DEFAULT_SAE_TOKENS}
         return data
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.buffer_tokens < 2 * self.batch_size:
+            raise _problem(
+                f"buffer_tokens {self.buffer_tokens} holds fewer than two batches of "
+                f"{self.batch_size}; raise it to at least {2 * self.batch_size}",
+                "buffer_tokens",
+            )
         if self.arch == "topk" and self.k is None:
             raise _problem("arch topk needs k, the active features per token (e.g. 32)", "k")
         if self.sparsity_loss == "target_l0" and self.target_l0 is None:

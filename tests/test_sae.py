@@ -245,6 +245,7 @@ def test_splice_sites_and_padding(tiny_model):
 # -- the stage -----------------------------------------------------------------------------
 
 STAGE = {
+    "sae.source": "probe",
     "model.n_embd": D_MODEL,
     "model.n_head": 2,
     "sae.batch_size": 64,
@@ -261,16 +262,13 @@ def _layer_cloud(n_tokens: int, d: int):
     return cloud
 
 
-def _run(
-    store: Store, n_tokens: int = 512, with_model: bool = True, overrides: dict | None = None
-) -> str:
+def _run(store: Store, n_tokens: int = 512, overrides: dict | None = None) -> str:
     spec = apply_overrides(RunSpec(), {**STAGE, **(overrides or {})})
     run_id = synthetic_run(
         store, spec, steps=[0, 10], n_layers=3, n_tokens=n_tokens, d_model=D_MODEL,
         cloud=_layer_cloud(n_tokens, D_MODEL),
     )  # fmt: skip
-    if with_model:
-        save_model(store, run_id, 10, build_model(spec, VOCAB, 0, 0))
+    save_model(store, run_id, 10, build_model(spec, VOCAB, 0, 0))
     return run_id
 
 
@@ -310,7 +308,10 @@ def test_stage_trains_every_layer_then_reruns_cached(tmp_path, pushgateway):
     for layer in range(3):
         report = store.get_json(layout.sae_config_key(run_id, layer))
         assert report["checkpoint_step"] == 10 and report["layer"] == layer  # last step
-        assert report["evaluation"] == {"held_out": True, "samples": 16, "tokens": 128}
+        assert report["evaluation"] == {
+            "held_out": True, "split": "probe", "samples": 16, "tokens": 128,
+        }  # fmt: skip
+        assert report["training"]["source"] == "probe" and report["training"]["epochs"] == 20
         metrics = report["metrics"]
         assert 0.5 < metrics["explained_variance"] <= 1.0
         assert 0 < metrics["l0"] < 2 * D_MODEL and 0 <= metrics["dead_fraction"] < 1
@@ -340,7 +341,7 @@ def test_stage_trains_every_layer_then_reruns_cached(tmp_path, pushgateway):
 
 def test_missing_layer_too_few_tokens_and_nan_are_one_line_errors(tmp_path, capsys):
     store = open_store(tmp_path / "store")
-    run_id = _run(store, n_tokens=96, with_model=False)
+    run_id = _run(store, n_tokens=96)
 
     assert stage_main([TRAIN], ["train", "--run", run_id, "--store", store.url,
                                 "--layer", "7"]) == 2  # fmt: skip

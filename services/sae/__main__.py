@@ -32,7 +32,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[Input]:
-    """The extraction the SAE trains on, and the checkpoint CE-loss-recovered runs."""
+    """The extraction (it picks the checkpoint; source probe trains on it) and the checkpoint."""
     step = training_step(store, args.run, spec.sae)
     return [
         Input(
@@ -57,7 +57,7 @@ TRAIN = StageDef(
     run="services.sae.train:train_layer",
     done_key=lambda args, spec: layout.sae_done_key(args.run, args.layer),
     inputs=_inputs,
-    spec_sections=("sae",),
+    spec_sections=("data", "sae"),
     add_arguments=_add_arguments,
     shard=lambda args: None if args.layer is None else f"layer-{args.layer:02d}",
     fan_out=_fan_out,

@@ -12,7 +12,7 @@ layer zero-ablated: `ce_loss_recovered` = (CE_zero − CE_spliced) / (CE_zero �
 1 for a perfect SAE, 0 for one no better than zeros. `kl_recovered` is the same with
 KL(clean ‖ ·) in place of CE, which does not reward lucky improvements on the labels.
 Padding sits after each sequence's end, and attention is causal, so it never influences
-a real token and needs no mask.
+a real token; the attention mask is passed all the same, as the extractor does.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def density_histogram(frequency: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def _site(model: nn.Module, layer: int) -> nn.Module:
+def hidden_site(model: nn.Module, layer: int) -> nn.Module:
     """Module whose output is hidden-state layer `layer` (0: embeddings, l: block l)."""
     transformer: Any = getattr(model, "transformer")  # noqa: B009 (HF GPT-2 attribute)
     if layer == 0:
@@ -99,15 +99,15 @@ def spliced(model: nn.Module, layer: int, replace: Replace) -> Iterator[None]:
             return (replace(output[0]), *output[1:])
         return replace(output)
 
-    handle = _site(model, layer).register_forward_hook(hook)
+    handle = hidden_site(model, layer).register_forward_hook(hook)
     try:
         yield
     finally:
         handle.remove()
 
 
-def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+def _log_probs(model: nn.Module, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(model(input_ids=ids, attention_mask=real).logits.float(), dim=-1)
 
 
 @torch.no_grad()
@@ -126,14 +126,15 @@ def ce_recovered(
     for start in range(0, len(input_ids), batch_size):
         ids = input_ids[start : start + batch_size].to(device)
         n = lengths[start : start + batch_size].to(device)
-        positions = torch.arange(ids.shape[1] - 1, device=device)
-        mask = positions[None, :] < (n[:, None] - 1)  # predicting a real next token
+        positions = torch.arange(ids.shape[1], device=device)
+        real = positions[None, :] < n[:, None]
+        mask = real[:, 1:]  # predicting a real next token
         targets = ids[:, 1:][mask]
-        clean = _log_probs(model, ids)[:, :-1][mask]
+        clean = _log_probs(model, ids, real)[:, :-1][mask]
         with spliced(model, layer, replace):
-            spliced_lp = _log_probs(model, ids)[:, :-1][mask]
+            spliced_lp = _log_probs(model, ids, real)[:, :-1][mask]
         with spliced(model, layer, torch.zeros_like):
-            zero = _log_probs(model, ids)[:, :-1][mask]
+            zero = _log_probs(model, ids, real)[:, :-1][mask]
         for name, lp in (("clean", clean), ("spliced", spliced_lp), ("zero", zero)):
             sums[name] += float(F.nll_loss(lp, targets, reduction="sum"))
         for name, lp in (("kl_spliced", spliced_lp), ("kl_zero", zero)):

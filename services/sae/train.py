@@ -1,9 +1,10 @@
-"""`sae train` for one layer: read the hidden states, fit the SAE, measure it, store it.
+"""`sae train` for one layer: get the activations, fit the SAE, measure and judge it, store it.
 
-Which tokens train and which judge: the probe's *sequences* are split (`holdout_fraction`,
-seeded), so the held-out tokens and the sequences used for CE-loss-recovered are the same
-unseen text. With one sequence, or `holdout_fraction: 0`, metrics fall back to the
-training tokens and `sae.json` says so.
+Where the activations come from, and which tokens judge the SAE, is `sae.source`
+(`services.sae.sources`): the training split streamed through the checkpoint (default),
+or the extracted probe. The metrics and CE-loss-recovered are always measured on text
+the SAE never trained on, and the stage ends with quality verdicts on them
+(`services.sae.quality`).
 
 TopK's dead-latent window is Gao et al.'s 10M tokens, shortened to a tenth of the training
 tokens for small budgets (a window longer than training would never call a latent dead).
@@ -12,19 +13,22 @@ tokens for small budgets (a window longer than training would never call a laten
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from services.sae.artifacts import save_sae
 from services.sae.base import SAEConfig, SparseAutoencoder
-from services.sae.batches import Batches, input_scale, place
 from services.sae.fit import FitSummary, NonFiniteLoss, Schedule, fit
 from services.sae.metrics import ce_recovered, reconstruction_metrics
 from services.sae.models import build_sae
 from services.sae.plan import training_step
-from shared.errors import DriftlabError, InputMissing
-from shared.hidden import Probe, load_hidden, load_index, load_probe
+from services.sae.quality import sae_checks
+from services.sae.sources import SAETrainingError, Source, probe_source, stream_source
+from shared.errors import InputMissing
+from shared.hidden import load_index
 from shared.models import load_model
 from shared.spec import SAESpec, model_sizes
 from shared.stage import StageContext
@@ -33,27 +37,8 @@ from shared.telemetry import push_metrics
 GAO_DEAD_TOKENS = 10_000_000
 LOG_EVERY = 50
 CE_BATCH = 16
-
-
-class SAETrainingError(DriftlabError):
-    """SAE training cannot go on: too little data, or a diverging loss."""
-
-
-def holdout_split(
-    probe: Probe, fraction: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(training token rows, evaluation token rows, evaluation samples, held out?)."""
-    n = probe.n_samples
-    n_held = 0 if fraction == 0 else min(n - 1, max(1, round(fraction * n)))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    is_held = torch.zeros(n, dtype=torch.bool)
-    is_held[order[:n_held]] = True
-    token_held = is_held[probe.token_sample.long()]
-    train_rows = torch.nonzero(~token_held).flatten()
-    if n_held == 0:
-        return train_rows, train_rows, torch.arange(n), False
-    held_rows = torch.nonzero(token_held).flatten()
-    return train_rows, held_rows, torch.nonzero(is_held).flatten(), True
+#: Multiply-adds of the SAE's encoder matmul below which a CPU trains on one thread.
+SMALL_MATMUL = 1 << 26
 
 
 def sae_config(spec: SAESpec, d_in: int, train_tokens: int) -> SAEConfig:
@@ -75,7 +60,7 @@ def sae_config(spec: SAESpec, d_in: int, train_tokens: int) -> SAEConfig:
 
 
 def train_layer(ctx: StageContext) -> None:
-    """The stage's `run`: one layer's SAE, its metrics and its artifacts."""
+    """The stage's `run`: one layer's SAE, its metrics, verdicts and artifacts."""
     run_id, store, spec = ctx.run_id, ctx.store, ctx.spec.sae
     layer: int = ctx.args.layer
     step = training_step(store, run_id, spec)
@@ -86,51 +71,63 @@ def train_layer(ctx: StageContext) -> None:
             f"{where} was not extracted: the extraction holds layers 0..{index.n_layers - 1}"
             f" (model.n_layer {model_sizes(ctx.spec).n_layer}); pick one of those"
         )
-    probe = load_probe(store, run_id)
-    if probe.n_tokens != index.n_tokens:
-        raise SAETrainingError(
-            f"{where}: the probe has {probe.n_tokens} tokens but the extraction "
-            f"{index.n_tokens}; rerun the extractor with --force"
-        )
-    train_rows, eval_rows, eval_samples, held_out = holdout_split(
-        probe, spec.holdout_fraction, spec.seed
-    )
-    if len(train_rows) < spec.batch_size:
-        raise SAETrainingError(
-            f"{where}: only {len(train_rows)} training tokens for sae.batch_size "
-            f"{spec.batch_size}; lower sae.batch_size or extract more tokens "
-            "(extract.probe_samples)"
-        )
     device = torch.device(ctx.device)
-    data = place(load_hidden(store, run_id, step, layer), device)
-    scale, mean = input_scale(data, train_rows)
-    total = spec.tokens or math.ceil(float(spec.epochs or 1.0) * len(train_rows))
+    matmul = spec.batch_size * index.d_model * spec.expansion * index.d_model
+    with _small_steps_on_one_thread(device, matmul):
+        _train(ctx, step, where, device)
+
+
+@contextmanager
+def _small_steps_on_one_thread(device: torch.device, matmul: int) -> Iterator[None]:
+    """One intra-op thread on a CPU when the SAE's matmuls (`matmul` multiply-adds) are small.
+
+    Ops this small gain nothing from splitting across threads, and with stages sharing the
+    cores (the local executor runs one per core, each with a thread per core) the threads
+    spin against each other: 64 -> 320 features at batch 256 trained at 106k samples/s on
+    one thread and 14k on two, on a 2-core machine with a load of 3.
+    """
+    if device.type != "cpu" or matmul >= SMALL_MATMUL:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(ctx: StageContext, step: int, where: str, device: torch.device) -> None:
+    """Activations, fit, metrics, verdicts and artifacts of one layer's SAE."""
+    run_id, store, spec = ctx.run_id, ctx.store, ctx.spec.sae
+    layer: int = ctx.args.layer
+    model = load_model(store, run_id, step, device)
+    source: Source
+    if spec.source == "stream":
+        source = stream_source(ctx.spec, model, layer, device, where)
+    else:
+        source = probe_source(store, run_id, step, layer, spec, device, where)
+    total = spec.tokens or math.ceil(float(spec.epochs or 1.0) * source.epoch_tokens)
     schedule = Schedule(
         steps=max(1, math.ceil(total / spec.batch_size)),
         lr=spec.lr,
         warmup_steps=spec.warmup_steps,
         sparsity_warmup_steps=spec.sparsity_warmup_steps,
     )
-    sae = build_sae(sae_config(spec, index.d_model, total), seed=spec.seed).to(device)
-    sae.init_from_data(mean.to(device), scale)
-    batches = Batches(data, train_rows, spec.batch_size, device, scale, spec.seed)
+    d_in = len(source.mean)
+    sae = build_sae(sae_config(spec, d_in, total), seed=spec.seed).to(device)
+    sae.init_from_data(source.mean.to(device), source.scale)
     ctx.log.info(
-        "%s SAE %d -> %d on %s: %d steps of %d tokens (%d training tokens, scale %.4g)",
-        spec.arch, sae.config.d_in, sae.config.d_sae, where, schedule.steps,
-        spec.batch_size, len(train_rows), scale,
+        "%s SAE %d -> %d on %s: %d steps of %d tokens from the %s (%d tokens a pass, "
+        "scale %.4g)", spec.arch, d_in, sae.config.d_sae, where, schedule.steps,
+        spec.batch_size, spec.source, source.epoch_tokens, source.scale,
     )  # fmt: skip
-    summary = _fit(ctx, sae, batches, schedule, spec, where)
+    summary = _fit(ctx, sae, source, schedule, spec, where)
 
-    reconstruction = reconstruction_metrics(sae, data, eval_rows, spec.batch_size)
-    model = load_model(store, run_id, step, device)
-    downstream = ce_recovered(
-        model,
-        probe.input_ids[eval_samples],
-        probe.lengths[eval_samples],
-        layer,
-        sae.reconstruct,
-        CE_BATCH,
-    )
+    held = source.held_out
+    reconstruction = reconstruction_metrics(sae, held, torch.arange(len(held)), spec.batch_size)
+    judges = source.eval_sequences
+    downstream = ce_recovered(model, judges.ids, judges.lengths, layer, sae.reconstruct, CE_BATCH)
     metrics = {**reconstruction, "ce": downstream}
     report = {
         "run_id": run_id,
@@ -138,16 +135,16 @@ def train_layer(ctx: StageContext) -> None:
         "checkpoint_step": step,
         "config": sae.config.to_json(),
         "spec": spec.model_dump(mode="json"),
-        "input_scale": scale,
-        "training": _training_report(summary, schedule, len(train_rows), ctx.device),
-        "evaluation": {
-            "held_out": held_out,
-            "samples": len(eval_samples),
-            "tokens": len(eval_rows),
+        "input_scale": source.scale,
+        "training": {
+            **source.training,
+            **_training_report(summary, schedule, source.epoch_tokens, ctx.device),
         },
+        "evaluation": source.evaluation,
         "metrics": metrics,
     }
     save_sae(store, run_id, layer, sae.cpu(), report)
+    ctx.judge(*sae_checks(metrics, d_in, source.evaluation, spec))
     ctx.headline.update(
         l0=round(reconstruction["l0"], 3),
         explained_variance=round(reconstruction["explained_variance"], 4),
@@ -175,7 +172,7 @@ def train_layer(ctx: StageContext) -> None:
 def _fit(
     ctx: StageContext,
     sae: SparseAutoencoder,
-    batches: Batches,
+    source: Source,
     schedule: Schedule,
     spec: SAESpec,
     where: str,
@@ -193,7 +190,7 @@ def _fit(
         try:
             summary = fit(
                 sae,
-                batches,
+                source.batches,
                 schedule,
                 compile=spec.compile,
                 log_every=LOG_EVERY,
@@ -209,12 +206,13 @@ def _fit(
 
 
 def _training_report(
-    summary: FitSummary, schedule: Schedule, train_tokens: int, device: str
+    summary: FitSummary, schedule: Schedule, epoch_tokens: int, device: str
 ) -> dict[str, Any]:
     return {
         "steps": summary.steps,
         "samples": summary.samples,
-        "train_tokens": train_tokens,
+        "train_tokens": epoch_tokens,
+        "epochs": round(summary.samples / epoch_tokens, 3),
         "lr": schedule.lr,
         "seconds": round(summary.seconds, 3),
         "samples_per_second": round(summary.samples_per_second, 1),
