@@ -77,6 +77,9 @@ def _number(value: Any) -> float | None:
 
 
 def _fmt(value: float) -> str:
+    """Counts as counts (1000, not 1e+03); everything else to three significant digits."""
+    if float(value).is_integer() and abs(value) < 1e9:
+        return str(int(value))
     return f"{value:.3g}"
 
 

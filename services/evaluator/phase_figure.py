@@ -1,0 +1,93 @@
+"""One figure that shows a training phase three ways on one step axis.
+
+Held-out accuracy, the mean step drift of the hidden states (with the drift between two
+halves of one checkpoint's cloud, the resolution below which drift is noise) and the HMM's
+decoded states of the training dynamics: when the three change together, the picture says
+so without a table. OT change points above the baseline are solid, the others dotted; the
+step where accuracy first crosses 50% is dashed black.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+@dataclass(frozen=True)
+class PhaseSeries:
+    """What the figure draws; every list is optional but `checkpoints`."""
+
+    checkpoints: Sequence[int]
+    accuracy: Sequence[float | None] | None = None
+    drift: Sequence[float] | None = None  # mean step drift, interval i ending at checkpoint i+1
+    baseline: Sequence[float] | None = None
+    ot_points: Sequence[tuple[int, bool]] = ()  # (step, exceeds the baseline)
+    hmm_steps: Sequence[int] = ()
+    hmm_states: Sequence[int] = ()
+    crossing: int | None = None
+
+
+def phases_png(series: PhaseSeries) -> bytes:
+    """The figure as PNG bytes (Agg canvas: no pyplot state, safe in any thread)."""
+    fig = Figure(figsize=(7.0, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    top, strip = fig.subplots(
+        2, 1, sharex=True, gridspec_kw={"height_ratios": [4, 1], "hspace": 0.08}
+    )
+    handles = []
+    if series.accuracy is not None:
+        (line,) = top.plot(series.checkpoints, series.accuracy, "s-", color="C3",
+                           label="held-out accuracy")  # fmt: skip
+        handles.append(line)
+        top.set_ylabel("held-out accuracy")
+        top.set_ylim(-0.02, 1.02)
+    if series.drift is not None:
+        ends = list(series.checkpoints[1 : len(series.drift) + 1])
+        twin = top.twinx()
+        (line,) = twin.plot(ends, series.drift, "o-", color="C0", label="mean step drift")
+        handles.append(line)
+        if series.baseline is not None:
+            (line,) = twin.plot(ends, series.baseline[: len(ends)], ":", color="C0",
+                                label="drift baseline (noise)")  # fmt: skip
+            handles.append(line)
+        twin.set_ylabel("OT drift / layer spread")
+    for step, significant in series.ot_points:
+        top.axvline(step, color="C1", lw=1.6 if significant else 0.8,
+                    ls="-" if significant else ":")  # fmt: skip
+    if series.crossing is not None:
+        top.axvline(series.crossing, color="black", ls="--", lw=1.2)
+        top.annotate("50% crossed", (series.crossing, 0.52), xytext=(4, 0),
+                     textcoords="offset points", fontsize=8)  # fmt: skip
+    if handles:
+        top.legend(handles=handles, loc="center right", fontsize=8)
+    top.set_title("accuracy, drift (orange: OT change points) and HMM states", fontsize=10)
+    _state_strip(strip, series)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _state_strip(ax: Axes, series: PhaseSeries) -> None:
+    """The decoded HMM state as coloured bands, one per run of equal states."""
+    ax.set_yticks([])
+    ax.set_xlabel("step")
+    if not series.hmm_steps:
+        ax.text(0.5, 0.5, "no HMM", ha="center", va="center", transform=ax.transAxes)
+        return
+    steps, states = list(series.hmm_steps), list(series.hmm_states)
+    # Each row's band reaches halfway to its neighbours; the ends stop at the first and
+    # last recorded step, so the strip spans exactly the axis the curves above use.
+    middles = [(a + b) / 2 for a, b in itertools.pairwise(steps)]
+    edges = [steps[0], *middles, steps[-1]]
+    for i, state in enumerate(states):
+        ax.axvspan(edges[i], edges[i + 1], color=f"C{state % 10}", alpha=0.6, lw=0)
+    for i in range(1, len(states)):
+        if states[i] != states[i - 1]:
+            ax.text(steps[i], 0.5, f"S{states[i]}", fontsize=7, va="center")
+    ax.set_ylabel("HMM", rotation=0, ha="right", va="center")
