@@ -35,10 +35,9 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from services.evaluator.agreement import checkpoint_index
+from services.evaluator.agreement import crossing_step, nearest_boundary
 from shared import layout
 from shared.cli import main as driftlab
 from shared.errors import DriftlabError
@@ -51,28 +50,6 @@ from workflows.commands import run_sweep_registered
 
 #: The boundaries compared with the grok step.
 SOURCES = ("ot", "ot_significant", "hmm")
-#: Test accuracy a run must reach to count as having grokked; the step it does is the
-#: transition's reference point.
-GROKKED_ACCURACY = 0.5
-
-
-def grok_step(checkpoints: Sequence[int], accuracy: Sequence[float | None]) -> int | None:
-    """The first checkpoint at which test accuracy reaches GROKKED_ACCURACY."""
-    for step, value in zip(checkpoints, accuracy, strict=True):
-        if value is not None and value >= GROKKED_ACCURACY:
-            return int(step)
-    return None
-
-
-def nearest(
-    checkpoints: Sequence[int], boundaries: Sequence[int] | None, step: int
-) -> dict[str, Any] | None:
-    """The boundary nearest to `step` and its signed offset in checkpoints."""
-    if not boundaries:
-        return None
-    at = checkpoint_index(checkpoints, step)
-    best = min(boundaries, key=lambda b: (abs(checkpoint_index(checkpoints, b) - at), b))
-    return {"step": best, "offset_checkpoints": checkpoint_index(checkpoints, best) - at}
 
 
 def run_sweep(
@@ -116,7 +93,7 @@ def analyse(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
             sources["ot_significant"] = [
                 int(c["step"]) for c in report["drift"]["change_points"] if c["exceeds_baseline"]
             ]
-        grok = grok_step(checkpoints, accuracy)
+        grok = crossing_step(checkpoints, accuracy)
         line: dict[str, Any] = {
             "case": "grokking",
             "run_id": run_id,
@@ -132,7 +109,7 @@ def analyse(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
         }
         for name in SOURCES:
             line[f"{name}_nearest"] = (
-                None if grok is None else nearest(checkpoints, sources.get(name), grok)
+                None if grok is None else nearest_boundary(checkpoints, sources.get(name), grok)
             )
         line["tolerance_checkpoints"] = phases["tolerance_checkpoints"]
         lines.append(line)

@@ -46,6 +46,7 @@ __all__ = [
     "DataError",
     "Example",
     "Task",
+    "answer_starts",
     "error_summary",
     "gsm8k_example",
     "load_task",
@@ -188,6 +189,24 @@ def tokenize_examples(
     _check_max_length(max_length)
     ids = tokenizer.encode_batch([ex.text for ex in examples])
     return [[*seq, tokenizer.eos_id][:max_length] for seq in ids]
+
+
+def answer_starts(
+    examples: Sequence[Example], ids: Sequence[Sequence[int]], tokenizer: Tokenizer
+) -> list[int]:
+    """Where each example's answer begins in its token ids `ids` (its prompt's length).
+
+    A BPE tokenizer may merge across the prompt/answer boundary, so the prompt is the
+    longest common prefix of the prompt's own ids and the full sequence's ids.
+    """
+    starts = []
+    for example, seq in zip(examples, ids, strict=True):
+        prompt = tokenizer.encode(example.prompt)
+        n = 0
+        while n < min(len(prompt), len(seq)) and prompt[n] == seq[n]:
+            n += 1
+        starts.append(n)
+    return starts
 
 
 def prompt_ids(

@@ -434,6 +434,9 @@ class DataSpec(_Section):
     with vocab.json + merges.txt."""
     max_length: Int = Field(default=64, gt=0)
     """Tokens per sequence (longer samples are truncated); at most model n_positions."""
+    loss_on: Literal["all", "answer"] = "all"
+    """Tokens the training loss is taken on: every one, or only each answer and its eos (as
+    in the grokking papers; needs a task with answers). Eval loss follows it."""
     train_samples: Int = Field(default=2000, gt=0)
     """Training sequences to draw (generated tasks) or keep (corpora)."""
     eval_samples: Int = Field(default=200, gt=0)

@@ -1,14 +1,19 @@
-"""Training batches: the packed, vectorised path pads exactly as the per-sequence one, and
-the data stream walks the same seeded permutations across epochs."""
+"""Training batches: the packed, vectorised path pads exactly as the per-sequence one, the
+data stream walks the same seeded permutations across epochs, and `data.loss_on: answer`
+leaves only the answer's tokens to predict."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from services.trainer.batches import PackedSequences, pad_batch
-from services.trainer.loop import DataStream
+from services.trainer.loop import DataStream, _tokenize
+from shared.data import load_task
+from shared.spec import RunSpec, apply_overrides
+from shared.tokenizer import load_tokenizer
 
 
 def test_packed_batches_equal_padding_sequence_by_sequence():
@@ -34,3 +39,26 @@ def test_the_stream_takes_each_epochs_seeded_permutation_in_order():
     stream = DataStream(n, seed)
     for cursor, count in ((0, 3), (3, 7), (10, 1), (11, 17), (5, 2)):
         assert stream.take(cursor, count).tolist() == expected[cursor : cursor + count]
+
+
+@pytest.mark.parametrize("tokenizer", ["numbers", "byte"])
+def test_answer_only_loss_predicts_exactly_the_answer_and_eos(tokenizer):
+    data = apply_overrides(
+        RunSpec(),
+        {"data.dataset": "modular", "data.modular_p": 17, "data.tokenizer": tokenizer,
+         "data.loss_on": "answer"},
+    ).data  # fmt: skip
+    task, tok = load_task(data), load_tokenizer(tokenizer)
+    train, evals = _tokenize(task, tok, data)
+    packed = PackedSequences(train.ids, tok.pad_id, train.starts)
+    chosen = torch.arange(len(train.ids))
+    _, _, targets = packed.batch(chosen, "cpu")
+    for row, ex in zip(targets.tolist(), task.train, strict=True):
+        assert [t for t in row if t != -100] == [*tok.encode(ex.completion), tok.eos_id], ex.id
+    assert packed.targets_in(chosen) == int((targets != -100).sum())
+    expected = pad_batch(train.ids, tok.pad_id, "cpu", train.starts)
+    assert torch.equal(targets, expected[2])
+    _, _, eval_targets = pad_batch(evals.ids, tok.pad_id, "cpu", evals.starts)
+    assert int((eval_targets != -100).sum()) == sum(
+        len(tok.encode(ex.completion)) + 1 for ex in task.eval
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from services.evaluator import agreement
 from shared import layout
 from shared.store import open_store
 from tests.evaluator_run import JUMP_AT, STEPS, make_run
@@ -30,13 +31,14 @@ def bench():
     return module
 
 
-def test_grok_step_and_nearest_boundary(bench):
+def test_crossing_step_and_nearest_boundary():
     steps = [0, 100, 200, 300, 400]
-    assert bench.grok_step(steps, [0.0, 0.1, None, 0.5, 0.9]) == 300
-    assert bench.grok_step(steps, [0.0, 0.1, 0.2, 0.3, 0.49]) is None
-    assert bench.nearest(steps, [100, 420], 300) == {"step": 420, "offset_checkpoints": 1}
-    assert bench.nearest(steps, [200, 400], 300) == {"step": 200, "offset_checkpoints": -1}
-    assert bench.nearest(steps, [], 300) is None
+    assert agreement.crossing_step(steps, [0.0, 0.1, None, 0.5, 0.9]) == 300
+    assert agreement.crossing_step(steps, [0.0, 0.1, 0.2, 0.3, 0.49]) is None
+    nearest = agreement.nearest_boundary
+    assert nearest(steps, [100, 420], 300) == {"step": 420, "offset_checkpoints": 1}
+    assert nearest(steps, [200, 400], 300) == {"step": 200, "offset_checkpoints": -1}
+    assert nearest(steps, [], 300) is None
 
 
 def test_analyse_two_runs_lines_up_accuracy_drift_and_hmm(bench, tmp_path, capsys):
@@ -59,6 +61,12 @@ def test_analyse_two_runs_lines_up_accuracy_drift_and_hmm(bench, tmp_path, capsy
             and line["ot_significant_nearest"]["step"] == JUMP_AT
         )
         assert line["hmm_nearest"]["offset_checkpoints"] == 0 and line["hmm_states"] >= 2
+        crossing = store.get_json(layout.evaluate_report_json_key(line["run_id"]))["phases"][
+            "crossing"
+        ]  # the report's own view of the same transition
+        assert crossing["step"] == JUMP_AT
+        assert crossing["nearest"]["ot_significant"] == line["ot_significant_nearest"]
+        assert crossing["nearest"]["hmm"] == line["hmm_nearest"]
     assert summary["grokked"] == 2 and summary["ot_within_tolerance"] == 2
     assert summary["ot_significant_within_tolerance"] == 2
     assert summary["hmm_within_tolerance"] == 2 and summary["grok_steps"] == [JUMP_AT] * 2

@@ -205,6 +205,15 @@ def test_bad_inputs_are_clear(store, tmp_path):
     run_id = _new_run(store, **{"model.vocab_size": 100})
     assert "vocab_size" in _one_line_failure(_train(store, run_id))
 
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one story.\n\nanother story.\n\na third one.\n")
+    run_id = _new_run(
+        store, **{"data.dataset": "text", "data.path": str(corpus), "data.loss_on": "answer"}
+    )
+    assert "data.loss_on answer needs a task with answers" in _one_line_failure(
+        _train(store, run_id)
+    )
+
     small = _new_run(store, **{"train.steps": 10})
     assert _train(store, small).returncode == 0
     other = _new_run(

@@ -19,6 +19,9 @@ import numpy as np
 JUMP_SHARE = 0.5
 #: ...and at least this many accuracy points (so noise on a flat curve is no jump).
 MIN_JUMP = 0.05
+#: Held-out accuracy whose first checkpoint dates a learnt task's transition (grokking's
+#: jump from memorising the training pairs to answering the held-out ones).
+CROSSING_ACCURACY = 0.5
 
 
 def accuracy_jumps(steps: Sequence[int], accuracy: Sequence[float]) -> list[int]:
@@ -43,6 +46,60 @@ def ot_change_points(phases: Mapping[str, Any]) -> list[int]:
         return []
     mean = phases.get("curves", {}).get("mean", {})
     return sorted({int(item["step"]) for item in mean.get("change_points", [])})
+
+
+def significant_ot_change_points(phases: Mapping[str, Any]) -> list[int]:
+    """The OT change points whose size exceeds the drift's permutation baseline (not noise)."""
+    if phases.get("depth_only"):
+        return []
+    mean = phases.get("curves", {}).get("mean", {})
+    return sorted(
+        {
+            int(item["step"])
+            for item in mean.get("change_points", [])
+            if item.get("exceeds_baseline")
+        }
+    )
+
+
+def crossing_step(checkpoints: Sequence[int], accuracy: Sequence[float | None]) -> int | None:
+    """The first checkpoint at which eval accuracy reaches CROSSING_ACCURACY, or None."""
+    for step, value in zip(checkpoints, accuracy, strict=True):
+        if value is not None and value >= CROSSING_ACCURACY:
+            return int(step)
+    return None
+
+
+def nearest_boundary(
+    checkpoints: Sequence[int], boundaries: Sequence[int] | None, step: int
+) -> dict[str, Any] | None:
+    """The boundary nearest to `step` and its signed offset in checkpoints (<0: earlier)."""
+    if not boundaries:
+        return None
+    at = checkpoint_index(checkpoints, step)
+    best = min(boundaries, key=lambda b: (abs(checkpoint_index(checkpoints, b) - at), b))
+    return {"step": best, "offset_checkpoints": checkpoint_index(checkpoints, best) - at}
+
+
+def crossing(
+    checkpoints: Sequence[int],
+    accuracy: Sequence[float | None],
+    boundaries: Mapping[str, Sequence[int] | None],
+) -> dict[str, Any]:
+    """Where accuracy first reaches CROSSING_ACCURACY and each source's nearest boundary.
+
+    Whether OT and the HMM see the transition the accuracy shows, as one offset per source
+    (None: no crossing, or the source found no boundary or did not run).
+    """
+    step = crossing_step(checkpoints, accuracy)
+    return {
+        "accuracy": CROSSING_ACCURACY,
+        "step": step,
+        "nearest": {
+            name: None if step is None else nearest_boundary(checkpoints, steps, step)
+            for name, steps in boundaries.items()
+        },
+    }
 
 
 def checkpoint_index(checkpoints: Sequence[int], step: int) -> int:

@@ -259,6 +259,17 @@ def phases(
     }
     section = agreement.phase_agreement(checkpoints, sources, spec.evaluate.phase_tolerance)
     section["absent_because"] = {name: why[name] for name in section["absent"]}
+    if sources["accuracy"] is not None:
+        section["crossing"] = agreement.crossing(
+            checkpoints,
+            accuracy,
+            {
+                "ot_significant": None
+                if ot_phases is None
+                else agreement.significant_ot_change_points(ot_phases),
+                "hmm": sources["hmm"],
+            },
+        )
     report.data["phases"] = section
 
 

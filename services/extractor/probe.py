@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from shared import hidden, layout
-from shared.data import Example, Task, load_task, tokenize_examples
+from shared.data import Task, answer_starts, load_task, tokenize_examples
 from shared.errors import InputMissing
 from shared.hidden import ExtractionError, Probe
 from shared.spec import RunSpec, section_digest
@@ -73,10 +73,7 @@ def build_probe(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> Probe:
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
     examples = [examples[i] for i in order]
     ids = [ids[i] for i in order]
-    prompts = [
-        _prompt_length(ex, seq, tokenizer) if task.has_answers else 0
-        for ex, seq in zip(examples, ids, strict=True)
-    ]
+    prompts = answer_starts(examples, ids, tokenizer) if task.has_answers else [0] * len(ids)
 
     samples, positions = _kept_positions(ids, prompts, ext.token_policy, ext.random_k, rng)
     if ext.max_tokens_per_layer is not None and len(samples) > ext.max_tokens_per_layer:
@@ -116,19 +113,6 @@ def build_probe(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> Probe:
             "tokenizer": spec.data.tokenizer,
         },
     )
-
-
-def _prompt_length(example: Example, seq: Sequence[int], tokenizer: Tokenizer) -> int:
-    """Tokens of `seq` that belong to the question.
-
-    A BPE tokenizer may merge across the prompt/answer boundary, so the prompt is the
-    longest common prefix of the prompt's own ids and the full sequence's ids.
-    """
-    prompt = tokenizer.encode(example.prompt)
-    n = 0
-    while n < min(len(prompt), len(seq)) and prompt[n] == seq[n]:
-        n += 1
-    return n
 
 
 def _kept_positions(

@@ -34,17 +34,23 @@ def evaluate(
     task: Task,
     tokenizer: Tokenizer,
     eval_ids: Sequence[Sequence[int]],
+    eval_starts: Sequence[int],
     batch_size: int,
     max_length: int,
 ) -> dict[str, Any]:
-    """Eval loss on the held-out split and, for tasks with answers, greedy exact match."""
+    """Eval loss on the held-out split and, for tasks with answers, greedy exact match.
+
+    The loss is on the tokens training takes it on (from `eval_starts`, see `pad_batch`), so
+    the eval and train losses of a run compare.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(eval_ids), batch_size):
+        end = start + batch_size
         ids, mask, targets = pad_batch(
-            eval_ids[start : start + batch_size], tokenizer.pad_id, device
+            eval_ids[start:end], tokenizer.pad_id, device, eval_starts[start:end]
         )
         total += float(token_loss_sum(model, ids, mask, targets))
         count += int((targets != -100).sum())

@@ -31,7 +31,7 @@ from services.trainer.dynamics import dynamics_metrics
 from services.trainer.evaluation import evaluate, token_loss_sum
 from services.trainer.quality import trainer_checks
 from shared import layout
-from shared.data import Task, load_task, tokenize_examples
+from shared.data import Example, Task, answer_starts, load_task, tokenize_examples
 from shared.errors import ArtifactNotFound, DriftlabError
 from shared.models import (
     ModelError,
@@ -44,7 +44,7 @@ from shared.models import (
     model_vocab_size,
     save_model,
 )
-from shared.spec import RunSpec, section_digest
+from shared.spec import DataSpec, RunSpec, section_digest
 from shared.stage import StageContext
 from shared.steps import complete_steps, eval_metrics
 from shared.store import Store
@@ -145,11 +145,38 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _tokenize(task: Task, tokenizer: Tokenizer, max_length: int) -> tuple[list[list[int]], ...]:
-    train = [s for s in tokenize_examples(task.train, tokenizer, max_length) if len(s) >= 2]
-    if not train:
+@dataclass
+class Sequences:
+    """Token ids of a split and, per sequence, the first position the loss predicts."""
+
+    ids: list[list[int]]
+    starts: list[int]
+
+
+def _tokenize(task: Task, tokenizer: Tokenizer, data: DataSpec) -> tuple[Sequences, Sequences]:
+    """Train and eval sequences; with `data.loss_on: answer` the loss starts at the answer.
+
+    A training sequence left with nothing to predict (too short, or its answer cut off by
+    `data.max_length`) is dropped.
+    """
+    if data.loss_on == "answer" and not task.has_answers:
+        raise DriftlabError(
+            f"data.loss_on answer needs a task with answers, and {task.name} is plain text: "
+            "set data.loss_on to all"
+        )
+
+    def split(examples: list[Example]) -> Sequences:
+        ids = tokenize_examples(examples, tokenizer, data.max_length)
+        if data.loss_on == "all":
+            return Sequences(ids, [1] * len(ids))
+        return Sequences(ids, [max(1, s) for s in answer_starts(examples, ids, tokenizer)])
+
+    every = split(task.train)
+    kept = [i for i, seq in enumerate(every.ids) if len(seq) > every.starts[i]]
+    if not kept:
         raise DriftlabError("the training split is empty after tokenization: check data.*")
-    return train, tokenize_examples(task.eval, tokenizer, max_length)
+    train = Sequences([every.ids[i] for i in kept], [every.starts[i] for i in kept])
+    return train, split(task.eval)
 
 
 def _resume_source(ctx: StageContext) -> tuple[str, int] | None:
@@ -197,7 +224,7 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
     _seed_everything(spec.train.seed)
     tokenizer = load_tokenizer(spec.data.tokenizer)
     task = load_task(spec.data)
-    train_ids, eval_ids = _tokenize(task, tokenizer, spec.data.max_length)
+    train_seqs, eval_seqs = _tokenize(task, tokenizer, spec.data)
     vocab = model_vocab_size(spec, tokenizer.vocab_size)
     model = build_model(spec, vocab, tokenizer.eos_id, tokenizer.pad_id)
     if model.config.n_positions < spec.data.max_length:
@@ -227,7 +254,7 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
     # Parameter names in the optimizer's order (FSDP shards in place, keeping the names).
     name_of = {id(p): n for n, p in model.named_parameters()}
     names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    schedule = plan(spec, len(train_ids))
+    schedule = plan(spec, len(train_seqs.ids))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, spec, schedule.total_steps)
     )
@@ -247,8 +274,8 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
         log.info("resuming from %s step %d", src_run, src_step)
     metrics_rows = _read_jsonl(store, layout.train_metrics_key(run_id), state.step)
     dynamics_rows = _read_jsonl(store, layout.train_dynamics_key(run_id), state.step)
-    stream = DataStream(len(train_ids), t.seed)
-    packed = PackedSequences(train_ids, tokenizer.pad_id)
+    stream = DataStream(len(train_seqs.ids), t.seed)
+    packed = PackedSequences(train_seqs.ids, tokenizer.pad_id, train_seqs.starts)
     ctx.headline.update(params=count_parameters(model), total_steps=schedule.total_steps)
 
     def plain_copy(weights: dict[str, torch.Tensor]) -> GPT2LMHeadModel:
@@ -267,8 +294,9 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
             return
         step, analysed = state.step, full.model
         step_eval = evaluate(
-            analysed, task, tokenizer, eval_ids, t.batch_size, spec.data.max_length
-        )
+            analysed, task, tokenizer, eval_seqs.ids, eval_seqs.starts, t.batch_size,
+            spec.data.max_length,
+        )  # fmt: skip
         dyn = dynamics_metrics(analysed, full.grads or None)
         save_model(store, run_id, step, analysed)
         save_training_state(store, run_id, state, full.optim, scheduler, scaler, names)
