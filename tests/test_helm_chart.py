@@ -215,7 +215,7 @@ def test_release_values_reach_the_workflow_templates(kind_docs: list[dict[str, A
     assert spec["serviceAccountName"] == "driftlab-workflow"
     params = {p["name"]: p.get("value") for p in spec["arguments"]["parameters"]}
     assert params["run"] is None and params["store"] == "s3://driftlab"
-    assert json.loads(params["layers"]) == [0, 1, 2]  # tiny-cpu: 2 layers + embeddings
+    assert json.loads(params["layers"]) == [0, 1]  # tiny-cpu: 1 layer + embeddings
     containers = [t["container"] for t in spec["templates"] if "container" in t]
     for c in containers:
         assert c["image"].startswith("driftlab/driftlab-") and c["image"].endswith(":latest")

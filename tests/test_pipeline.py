@@ -163,7 +163,7 @@ def test_every_pod_is_non_root_with_a_read_only_root_and_a_writable_tmp(
 
 
 def test_templates_carry_the_cluster_contract() -> None:
-    spec = load_spec(TINY)
+    spec = apply_overrides(load_spec(TINY), {"detect.enabled": True})  # every stage
     manifest = compiled(build_workflow(spec, "gpu", store="s3://bucket/runs", run_id="tiny-1"))
     meta = manifest["metadata"]
     assert meta["name"] == "tiny-1"
@@ -206,7 +206,7 @@ def test_templates_carry_the_cluster_contract() -> None:
 
     tasks = {t["name"]: t for t in templates["pipeline"]["dag"]["tasks"]}
     assert tasks["extract"]["withParam"] == "{{tasks.list-checkpoints.outputs.result}}"
-    assert tasks["sae-train"]["withItems"] == [0, 1, 2]  # tiny: 2 blocks + embeddings
+    assert tasks["sae-train"]["withItems"] == [0, 1]  # tiny-cpu: 1 block + embeddings
     assert tasks["evaluate"]["depends"] == "ot && detect"
     assert tasks["detect"]["depends"] == "sae-train"
 
@@ -219,7 +219,8 @@ def test_a_spec_without_detection_has_no_detect_task(schema_validator: Any) -> N
     assert "detect" not in tasks
     assert tasks["evaluate"]["depends"] == "ot && sae-train"
     with pytest.raises(WorkflowError, match="a-2 differs"):
-        build_sweep_workflow({"a-1": load_spec(TINY), "a-2": spec}, "demo", "cpu", store="s3://b")
+        detecting = apply_overrides(load_spec(TINY), {"detect.enabled": True})
+        build_sweep_workflow({"a-1": detecting, "a-2": spec}, "demo", "cpu", store="s3://b")
 
 
 def test_cpu_profile_caps_requests_but_keeps_memory_limits() -> None:
@@ -232,8 +233,8 @@ def test_cpu_profile_caps_requests_but_keeps_memory_limits() -> None:
 
 def test_sae_layers_follow_the_spec() -> None:
     spec = load_spec(TINY)
-    assert sae_layers(spec) == [0, 1, 2]
-    assert sae_layers(apply_overrides(spec, {"sae.layers": [2, 0]})) == [0, 2]
+    assert sae_layers(spec) == [0, 1]
+    assert sae_layers(apply_overrides(spec, {"model.n_layer": 2, "sae.layers": [2, 0]})) == [0, 2]
     assert sae_layers(apply_overrides(spec, {"model.n_layer": 4})) == [0, 1, 2, 3, 4]
 
 

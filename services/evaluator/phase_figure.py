@@ -57,6 +57,8 @@ def phases_png(series: PhaseSeries) -> bytes:
                                 label="drift baseline (noise)")  # fmt: skip
             handles.append(line)
         twin.set_ylabel("OT drift / layer spread")
+        if min(series.drift) > 0:  # a first interval far larger than the rest flattens them
+            twin.set_yscale("log")
     for step, significant in series.ot_points:
         top.axvline(step, color="C1", lw=1.6 if significant else 0.8,
                     ls="-" if significant else ":")  # fmt: skip

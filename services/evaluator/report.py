@@ -224,9 +224,33 @@ def _phases(r: Report) -> str:
     pairs = [[f"{x['a']} vs {x['b']}", x["agreement"], f"{x['a_matched']}/{x['n_a']}",
               f"{x['b_matched']}/{x['n_b']}"] for x in p["pairs"]]  # fmt: skip
     return (
-        f"<p>Boundaries match when within {p['tolerance_checkpoints']} checkpoint(s).</p>"
+        _crossing(p.get("crossing"))
+        + (
+            _img(r.figures["phases"], "accuracy, drift and HMM states")
+            if "phases" in r.figures
+            else ""
+        )
+        + f"<p>Boundaries match when within {p['tolerance_checkpoints']} checkpoint(s).</p>"
         + _table(["source", "boundary steps"], sources)
         + (_table(["pair", "agreement", "a matched", "b matched"], pairs) if pairs else "")
+    )
+
+
+def _crossing(crossing: dict[str, Any] | None) -> str:
+    """Where held-out accuracy first reaches 50%, and what OT and the HMM see nearest."""
+    if not crossing:
+        return ""
+    if crossing.get("step") is None:
+        return f"<p>Held-out accuracy never reaches {crossing['accuracy']:.0%}.</p>"
+    rows = [
+        [name, "none" if near is None else near["step"],
+         "–" if near is None else f"{near['offset_checkpoints']:+d}"]
+        for name, near in crossing["nearest"].items()
+    ]  # fmt: skip
+    return (
+        f"<p>Held-out accuracy first reaches {crossing['accuracy']:.0%} at step "
+        f"{crossing['step']}; the nearest boundary of each source, in checkpoints:</p>"
+        + _table(["source", "nearest step", "offset"], rows)
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from services.evaluator import agreement
 from services.evaluator.detection import evaluate_detection
 from services.evaluator.explorer import explore
+from services.evaluator.phase_figure import PhaseSeries, phases_png
 from services.evaluator.quality import STAGE, hmm_checks
 from shared import layout
 from shared.errors import ArtifactNotFound, DriftlabError
@@ -271,6 +272,30 @@ def phases(
             },
         )
     report.data["phases"] = section
+    report.figures["phases"] = phases_png(_phase_series(report, checkpoints, accuracy, ot_phases))
+
+
+def _phase_series(
+    report: Report,
+    checkpoints: list[int],
+    accuracy: list[float | None] | None,
+    ot_phases: dict[str, Any] | None,
+) -> PhaseSeries:
+    """Accuracy, the mean drift curve and this run's HMM path, as the phase figure wants."""
+    mean = (ot_phases or {}).get("curves", {}).get("mean", {})
+    path = report.data.get("hmm", {}).get("runs", {}).get(report.run_id, {})
+    return PhaseSeries(
+        checkpoints=checkpoints,
+        accuracy=accuracy,
+        drift=mean.get("values"),
+        baseline=mean.get("baseline"),
+        ot_points=[
+            (int(c["step"]), bool(c.get("exceeds_baseline"))) for c in mean.get("change_points", [])
+        ],
+        hmm_steps=path.get("steps", []),
+        hmm_states=path.get("states", []),
+        crossing=report.data["phases"].get("crossing", {}).get("step"),
+    )
 
 
 def explorer(report: Report, store: Store, run_id: str, spec: RunSpec, device: str) -> None:
