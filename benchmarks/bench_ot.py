@@ -37,12 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.ot.sinkhorn import (
-    DriftResult,
-    cost_scale,
-    depth_time_pairs,
-    pairwise_drift,
-)
+from services.ot.pairwise import DriftResult, depth_time_pairs, pairwise_drift
+from services.ot.sinkhorn import cost_scale
 
 
 def synthetic_hidden_states(

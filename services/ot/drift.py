@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.ot import sinkhorn
+from services.ot import pairwise, sinkhorn
 from services.ot.clouds import fit_basis
 
 #: Percentile interval of the bootstrap and quantile of the permutation baseline.
@@ -48,7 +48,7 @@ BASELINE_QUANTILE = 0.95
 class DriftSettings:
     """The `ot` spec section as the computation needs it."""
 
-    method: sinkhorn.Method
+    method: pairwise.Method
     reg: float
     pca_components: int | None
     bootstrap: int
@@ -132,11 +132,11 @@ def p_values(observed: Tensor, null: Tensor) -> Tensor:
 def total_problems(n_checkpoints: int, n_layers: int, settings: DriftSettings) -> int:
     """OT problems `compute_drift` solves: the total its progress callback counts up to."""
     t, n_l = n_checkpoints, n_layers
-    plan = sinkhorn.depth_time_pairs(t, n_l)
-    total = sinkhorn.problem_count(_offset_time_pairs(plan.pairs, t, n_l), settings.method)
+    plan = pairwise.depth_time_pairs(t, n_l)
+    total = pairwise.problem_count(_offset_time_pairs(plan.pairs, t, n_l), settings.method)
     if t >= 2:
-        total += settings.bootstrap * sinkhorn.problem_count(_step_pairs(t, n_l), settings.method)
-        total += settings.permutations * sinkhorn.problem_count(
+        total += settings.bootstrap * pairwise.problem_count(_step_pairs(t, n_l), settings.method)
+        total += settings.permutations * pairwise.problem_count(
             _split_pairs(t * n_l), settings.method
         )
     return total
@@ -158,8 +158,8 @@ def compute_drift(
 
     def solve(
         clouds: list[Tensor], pairs: list[tuple[int, int]], warm: list[int | None] | None
-    ) -> sinkhorn.DriftResult:
-        return sinkhorn.pairwise_drift(
+    ) -> pairwise.DriftResult:
+        return pairwise.pairwise_drift(
             clouds,
             pairs,
             settings.method,
@@ -187,7 +187,7 @@ def compute_drift(
         extra_block = torch.stack([c[:, states.shape[2] :] for c in per_layer], dim=1)
         clouds += list(time_block.flatten(0, 1).unbind(0))
 
-    plan = sinkhorn.depth_time_pairs(n_t, n_l)
+    plan = pairwise.depth_time_pairs(n_t, n_l)
     pairs = _offset_time_pairs(plan.pairs, n_t, n_l)
     result = solve(clouds, pairs, plan.warm_from)
     unconverged = int((~result.converged).sum())

@@ -1,0 +1,213 @@
+"""Drift values between many clouds: the entry point of the OT stage.
+
+`pairwise_drift` turns a list of cloud pairs into drift values (the debiased Sinkhorn
+divergence, exact EMD cost or sliced W2^2): it solves each cloud's self-term once, warm-starts
+pairs from their neighbours (`depth_time_pairs`) and hands every OT problem to the batched
+solver of `sinkhorn.py` in one call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Unpack
+
+import torch
+from torch import Tensor
+
+from services.ot.sinkhorn import (
+    Clouds,
+    SolverOptions,
+    as_clouds,
+    cost_scale,
+    emd_cost,
+    run_problems,
+    solver_config,
+)
+from services.ot.sliced import sliced_pairs
+
+__all__ = [
+    "DriftResult",
+    "Method",
+    "PairPlan",
+    "depth_time_pairs",
+    "pairwise_drift",
+    "problem_count",
+    "sinkhorn_divergence",
+]
+
+Method = Literal["sinkhorn", "emd", "sliced"]
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    """Output of :func:`pairwise_drift`, one value per requested pair."""
+
+    #: The drift: Sinkhorn divergence, exact EMD cost or sliced W2^2 (normalised cost).
+    values: Tensor
+    #: OT(p, q) for each pair (equal to ``values`` for emd and sliced).
+    cost: Tensor
+    #: OT(k, k) per cloud index (sinkhorn only; NaN for clouds no pair uses).
+    self_cost: Tensor | None
+    #: Iterations per pair (sinkhorn only, zeros otherwise).
+    iterations: Tensor
+    converged: Tensor
+    scale: float
+    method: str
+    reg: float
+    #: L1 marginal tolerance the Sinkhorn solves ran to (0 for emd and sliced).
+    tol: float
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """Pairs of cloud indices and, per pair, an earlier pair to warm-start from (or None)."""
+
+    pairs: list[tuple[int, int]]
+    warm_from: list[int | None]
+
+
+def sinkhorn_divergence(
+    x: Clouds,
+    y: Clouds,
+    reg: float,
+    *,
+    scale: float | None = None,
+    **options: Unpack[SolverOptions],
+) -> Tensor:
+    """Debiased Sinkhorn divergence ``S = OT(x, y) - OT(x, x) / 2 - OT(y, y) / 2`` per pair.
+
+    The raw entropic cost is biased (OT(a, a) > 0: the entropic plan blurs mass); S is
+    symmetric and S(a, a) = 0. ``scale`` defaults to :func:`cost_scale` of the x clouds.
+    Returns a float64 CPU tensor ``[B]``; options as in :class:`SolverOptions`.
+    """
+    xs, ys = as_clouds(x), as_clouds(y)
+    if len(xs) != len(ys):
+        raise ValueError(f"x has {len(xs)} clouds and y has {len(ys)}")
+    n_pairs = len(xs)
+    sc = cost_scale(xs) if scale is None else float(scale)
+    pairs = [(k, n_pairs + k) for k in range(n_pairs)]
+    return pairwise_drift(xs + ys, pairs, "sinkhorn", reg, scale=sc, **options).values
+
+
+def depth_time_pairs(n_checkpoints: int, n_layers: int) -> PairPlan:
+    """The drift pairs of a run, over clouds indexed ``t * n_layers + layer``.
+
+    Depth pairs: at each checkpoint, every layer pair i < j. Time pairs: for each layer,
+    every checkpoint pair s < t. Each pair warm-starts from its nearest earlier neighbour
+    (the same layers one checkpoint before; for time pairs (s, t-1), or (s-1, s) for
+    consecutive ones), which is close because consecutive checkpoints are.
+    """
+    n_t, n_l = n_checkpoints, n_layers
+    pairs: list[tuple[int, int]] = []
+    warm: list[int | None] = []
+    index: dict[tuple[str, int, int, int], int] = {}
+
+    def add(key: tuple[str, int, int, int], pair: tuple[int, int], src: int | None) -> None:
+        index[key] = len(pairs)
+        pairs.append(pair)
+        warm.append(src)
+
+    for t in range(n_t):
+        for i in range(n_l):
+            for j in range(i + 1, n_l):
+                add(("d", t, i, j), (t * n_l + i, t * n_l + j), index.get(("d", t - 1, i, j)))
+    for layer in range(n_l):
+        for s in range(n_t):
+            for t in range(s + 1, n_t):
+                src = ("t", layer, s, t - 1) if t - 1 > s else ("t", layer, s - 1, s)
+                add(("t", layer, s, t), (s * n_l + layer, t * n_l + layer), index.get(src))
+    return PairPlan(pairs, warm)
+
+
+def problem_count(pairs: Sequence[tuple[int, int]], method: Method) -> int:
+    """OT problems :func:`pairwise_drift` solves for ``pairs``: the total ``on_solved`` reaches.
+
+    Sinkhorn also solves one self-term OT(k, k) per distinct cloud the pairs use.
+    """
+    if method == "sinkhorn":
+        return len(pairs) + len({i for pq in pairs for i in pq})
+    return len(pairs)
+
+
+def pairwise_drift(
+    clouds: Clouds,
+    pairs: Sequence[tuple[int, int]],
+    method: Method = "sinkhorn",
+    reg: float = 0.05,
+    *,
+    scale: float | None = None,
+    warm_from: Sequence[int | None] | None = None,
+    n_projections: int = 256,
+    seed: int = 0,
+    **options: Unpack[SolverOptions],
+) -> DriftResult:
+    """Drift between clouds for a list of index pairs: the entry point of the OT stage.
+
+    ``clouds`` is ``[K, N, d]`` (or a sequence of ``[N_k, d]``), e.g. hidden states of a
+    fixed probe set per (checkpoint, layer); ``pairs`` index into it (see
+    :func:`depth_time_pairs`, which also gives ``warm_from``). One ``scale`` serves every
+    pair (default :func:`cost_scale` of all clouds pooled) so reg means one thing.
+
+    * ``sinkhorn``: the debiased divergence; each cloud's self-term OT(k, k) is solved once
+      and reused by every pair it appears in.
+    * ``emd``: the exact cost (POT), small N only. ``sliced``: sliced W2^2.
+    """
+    cl = as_clouds(clouds)
+    pair_list = [(int(p), int(q)) for p, q in pairs]
+    for p, q in pair_list:
+        if not (0 <= p < len(cl) and 0 <= q < len(cl)):
+            raise ValueError(f"pair {(p, q)} indexes outside the {len(cl)} clouds")
+    sc = cost_scale(cl) if scale is None else float(scale)
+    n_pairs = len(pair_list)
+    none = torch.zeros(n_pairs, dtype=torch.int64)
+    on_solved = options.get("on_solved")
+    if method in ("emd", "sliced"):
+        if method == "emd":
+            xs, ys = [cl[p] for p, _ in pair_list], [cl[q] for _, q in pair_list]
+            values = emd_cost(xs, ys, scale=sc)
+        else:
+            values = sliced_pairs(cl, pair_list, n_projections, seed, sc, options.get("dtype"))
+        if on_solved is not None:
+            on_solved(n_pairs)
+        return DriftResult(values, values, None, none, none == 0, sc, method, 0.0, 0.0)
+    if method != "sinkhorn":
+        raise ValueError(f"method must be 'sinkhorn', 'emd' or 'sliced', got {method!r}")
+
+    warm = list(warm_from) if warm_from is not None else [None] * n_pairs
+    if len(warm) != n_pairs:
+        raise ValueError(f"warm_from has {len(warm)} entries for {n_pairs} pairs")
+    # A pair of identical clouds is its own self-term: solving it as (p, p) makes S exactly
+    # 0 (alternating Sinkhorn would crawl towards it instead).
+    solve_pairs = [
+        (p, p) if p != q and cl[p].shape == cl[q].shape and torch.equal(cl[p], cl[q]) else (p, q)
+        for p, q in pair_list
+    ]
+    used = sorted({i for pq in pair_list for i in pq})
+    # A cloud's self-term warm-starts from the earlier cloud that a warm-started pair links
+    # it to (the same layer one checkpoint before, in a depth_time_pairs plan).
+    self_src: dict[int, int] = {}
+    for k, src in enumerate(warm):
+        if src is not None:
+            for c_now, c_before in zip(pair_list[k], pair_list[src], strict=True):
+                if c_before < c_now:
+                    self_src.setdefault(c_now, c_before)
+    slot = {c: n_pairs + i for i, c in enumerate(used)}
+    all_pairs = solve_pairs + [(c, c) for c in used]
+    all_warm = warm + [slot[self_src[c]] if c in self_src else None for c in used]
+    cfg = solver_config(cl[0], reg, sc, options)
+    out = run_problems(cl, all_pairs, all_warm, [None] * len(all_pairs), cfg)
+    self_cost = torch.full((len(cl),), math.nan, dtype=torch.float64)
+    self_conv = torch.ones(len(cl), dtype=torch.bool)
+    idx = torch.tensor(used, dtype=torch.int64)
+    self_cost[idx] = out.cost[n_pairs:]
+    self_conv[idx] = out.converged[n_pairs:]
+    p_idx = torch.tensor([p for p, _ in pair_list], dtype=torch.int64)
+    q_idx = torch.tensor([q for _, q in pair_list], dtype=torch.int64)
+    cross = out.cost[:n_pairs]
+    values = cross - 0.5 * self_cost[p_idx] - 0.5 * self_cost[q_idx]
+    converged = out.converged[:n_pairs] & self_conv[p_idx] & self_conv[q_idx]
+    return DriftResult(
+        values, cross, self_cost, out.iterations[:n_pairs], converged, sc, method, cfg.reg, cfg.tol
+    )
