@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Unpack
 
 import torch
 from torch import Tensor
 
+from services.ot.newton import newton_polish, value_error
 from services.ot.sinkhorn import (
     Clouds,
+    Solved,
+    SolverConfig,
     SolverOptions,
+    Workers,
     as_clouds,
     cost_scale,
     emd_cost,
@@ -28,6 +32,7 @@ from services.ot.sinkhorn import (
 from services.ot.sliced import sliced_pairs
 
 __all__ = [
+    "VALUE_FLOOR",
     "DriftResult",
     "Method",
     "PairPlan",
@@ -38,6 +43,11 @@ __all__ = [
 ]
 
 Method = Literal["sinkhorn", "emd", "sliced"]
+
+#: Drift values are judged relative to max(|value|, VALUE_FLOOR): a millionth of a typical
+#: squared distance, 100x below the smallest permutation baseline of the tiny-cpu demo run
+#: (256 tokens); below it only the absolute error means anything.
+VALUE_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,19 @@ class DriftResult:
     reg: float
     #: L1 marginal tolerance the Sinkhorn solves ran to (0 for emd and sliced).
     tol: float
+    #: Estimated absolute error of each value against the converged entropic OT (sinkhorn:
+    #: from the marginal errors of its three problems, see ``newton.value_error``; 0 for
+    #: emd and sliced, which have no tolerance).
+    error: Tensor
+    #: OT problems solved (the divergence's self-terms included), and how many of them
+    #: ended above ``tol`` (after the Newton polish) or were polished by Newton.
+    problems: int
+    unconverged_problems: int
+    polished_problems: int
+
+    def relative_error(self) -> Tensor:
+        """``error / |values|``, with values below :data:`VALUE_FLOOR` counted as the floor."""
+        return self.error / self.values.abs().clamp_min(VALUE_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -141,6 +164,7 @@ def pairwise_drift(
     warm_from: Sequence[int | None] | None = None,
     n_projections: int = 256,
     seed: int = 0,
+    rtol: float = 1e-3,
     **options: Unpack[SolverOptions],
 ) -> DriftResult:
     """Drift between clouds for a list of index pairs: the entry point of the OT stage.
@@ -151,7 +175,10 @@ def pairwise_drift(
     pair (default :func:`cost_scale` of all clouds pooled) so reg means one thing.
 
     * ``sinkhorn``: the debiased divergence; each cloud's self-term OT(k, k) is solved once
-      and reused by every pair it appears in.
+      and reused by every pair it appears in. Problems Sinkhorn left above ``tol``, and those
+      of values whose estimated error is above ``rtol`` x |value|, are then polished by
+      Newton's method in float64 (``newton.py``), so every value is within about ``rtol``
+      of the converged entropic OT.
     * ``emd``: the exact cost (POT), small N only. ``sliced``: sliced W2^2.
     """
     cl = as_clouds(clouds)
@@ -171,7 +198,10 @@ def pairwise_drift(
             values = sliced_pairs(cl, pair_list, n_projections, seed, sc, options.get("dtype"))
         if on_solved is not None:
             on_solved(n_pairs)
-        return DriftResult(values, values, None, none, none == 0, sc, method, 0.0, 0.0)
+        zero = torch.zeros(n_pairs, dtype=torch.float64)
+        return DriftResult(
+            values, values, None, none, none == 0, sc, method, 0.0, 0.0, zero, n_pairs, 0, 0
+        )
     if method != "sinkhorn":
         raise ValueError(f"method must be 'sinkhorn', 'emd' or 'sliced', got {method!r}")
 
@@ -198,16 +228,78 @@ def pairwise_drift(
     all_warm = warm + [slot[self_src[c]] if c in self_src else None for c in used]
     cfg = solver_config(cl[0], reg, sc, options)
     out = run_problems(cl, all_pairs, all_warm, [None] * len(all_pairs), cfg)
+    # The problems of each value: OT(p, q), OT(p, p), OT(q, q).
+    terms = torch.tensor([[k, slot[p], slot[q]] for k, (p, q) in enumerate(pair_list)])
+    identical = torch.tensor([p == q for p, q in solve_pairs], dtype=torch.bool)
+    cost, marginal, polished = _polish(cl, all_pairs, out, terms, identical, cfg, rtol)
+    values, error = _divergence(cost, marginal, out.max_cost, terms)
+    # S(a, a) = 0 exactly, whatever the rounding of its three terms.
+    values[identical], error[identical] = 0.0, 0.0
+    problem_ok = marginal <= cfg.tol
     self_cost = torch.full((len(cl),), math.nan, dtype=torch.float64)
-    self_conv = torch.ones(len(cl), dtype=torch.bool)
-    idx = torch.tensor(used, dtype=torch.int64)
-    self_cost[idx] = out.cost[n_pairs:]
-    self_conv[idx] = out.converged[n_pairs:]
-    p_idx = torch.tensor([p for p, _ in pair_list], dtype=torch.int64)
-    q_idx = torch.tensor([q for _, q in pair_list], dtype=torch.int64)
-    cross = out.cost[:n_pairs]
-    values = cross - 0.5 * self_cost[p_idx] - 0.5 * self_cost[q_idx]
-    converged = out.converged[:n_pairs] & self_conv[p_idx] & self_conv[q_idx]
+    self_cost[torch.tensor(used, dtype=torch.int64)] = cost[n_pairs:]
     return DriftResult(
-        values, cross, self_cost, out.iterations[:n_pairs], converged, sc, method, cfg.reg, cfg.tol
-    )
+        values, cost[:n_pairs], self_cost, out.iterations[:n_pairs], problem_ok[terms].all(1),
+        sc, method, cfg.reg, cfg.tol, error, len(all_pairs), int((~problem_ok).sum()),
+        int(polished.sum()),
+    )  # fmt: skip
+
+
+#: A value's weights on its three problems: S = OT(p, q) - OT(p, p) / 2 - OT(q, q) / 2.
+_WEIGHTS = torch.tensor([1.0, -0.5, -0.5], dtype=torch.float64)
+#: Marginal error a polish runs to: near the float64 floor, far below any tolerance.
+_POLISH_TOL = 1e-10
+#: Float64 Sinkhorn iterations a polish tries before Newton takes over.
+_POLISH_SINKHORN_ITERS = 50
+
+
+def _divergence(
+    cost: Tensor, marginal: Tensor, max_cost: Tensor, terms: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Each value S from its three problems' costs, and its estimated error (the terms' sum)."""
+    values = (cost[terms] * _WEIGHTS).sum(1)
+    error = (value_error(marginal, max_cost)[terms] * _WEIGHTS.abs()).sum(1)
+    return values, error
+
+
+def _polish(
+    clouds: list[Tensor],
+    problems: list[tuple[int, int]],
+    out: Solved,
+    terms: Tensor,
+    identical: Tensor,
+    cfg: SolverConfig,
+    rtol: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Polish in float64 the problems that need it: costs and marginal errors after, and which.
+
+    A problem is polished when Sinkhorn left it above ``tol`` or when the estimated error
+    of a value it enters is above ``rtol`` x |value| (see ``newton.py`` for why): float64
+    Sinkhorn first, cheap per iteration and enough where it converges fast (self-terms
+    above all), then Newton's method from where that stopped.
+    """
+    cost, marginal = out.cost.clone(), out.error.clone()
+    values, error = _divergence(cost, marginal, out.max_cost, terms)
+    loose = (error > rtol * values.abs().clamp_min(VALUE_FLOOR)) & ~identical
+    todo = marginal > cfg.tol
+    todo[terms[loose].flatten()] = True
+    jobs = todo.nonzero().flatten().tolist()
+    if not jobs:
+        return cost, marginal, todo
+    cfg64 = replace(
+        cfg, dtype=torch.float64, tol=_POLISH_TOL, max_iter=_POLISH_SINKHORN_ITERS,
+        eps_scaling=None, on_solved=None,
+    )  # fmt: skip
+    start = [(out.f[j], out.g[j]) for j in jobs]
+    first = run_problems(clouds, [problems[j] for j in jobs], [None] * len(jobs), start, cfg64)
+    cost[jobs], marginal[jobs] = first.cost, first.error
+
+    def newton(i: int) -> None:
+        j = jobs[i]
+        x, y = (clouds[k].to(cfg.device) for k in problems[j])
+        res = newton_polish(x, y, first.g[i], cfg.reg, cfg.scale, tol=_POLISH_TOL)
+        cost[j], marginal[j] = res.cost, res.error
+
+    with Workers(cfg) as workers:
+        workers.map(newton, (~first.converged).nonzero().flatten().tolist())
+    return cost, marginal, todo

@@ -53,7 +53,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypedDict, Unpack
+from typing import TypedDict, TypeVar, Unpack
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 Clouds = Tensor | Sequence[Tensor]
+_T = TypeVar("_T")
 
 #: Default marginal tolerance (L1) per dtype: float32 reaches ~1e-6 at N=1000; 1e-5 keeps
 #: values within ~1e-5 relative of a float64 solve. float64 can go as far as POT's default.
@@ -209,6 +210,8 @@ class Solved:
     iterations: Tensor
     error: Tensor
     converged: Tensor
+    #: max C_ij of each problem: with ``error`` it sizes the error of ``cost``.
+    max_cost: Tensor
     f: list[Tensor]
     g: list[Tensor]
 
@@ -335,13 +338,13 @@ class _ChunkSolver:
         self.cost = torch.zeros(n_pairs, dtype=torch.float64)
         self.iters = torch.zeros(n_pairs, dtype=torch.int64)
         self.error = torch.full((n_pairs,), math.inf, dtype=torch.float64)
-        self.conv = torch.zeros(n_pairs, dtype=torch.bool)
+        self.cmax = torch.zeros(n_pairs, dtype=torch.float64)
         self.f_out, self.g_out = torch.empty_like(self.f), torch.empty_like(self.g)
 
     def solve(self) -> _ChunkOut:
         for s_idx, reg in enumerate(self.stages):
             self._stage(reg, final=s_idx == len(self.stages) - 1)
-        return self.cost, self.iters, self.error, self.conv, self.f_out, self.g_out
+        return self.cost, self.iters, self.error, self.cmax, self.f_out, self.g_out
 
     def _stage(self, reg: float, final: bool) -> None:
         cfg = self.cfg
@@ -439,16 +442,18 @@ class _ChunkSolver:
     def _finish(self, done: list[bool], err: list[float], reg: float) -> None:
         """Write the results of the rows that stop now (this overwrites their kernel).
 
-        The costs come back to the host in one transfer: one sync per check, not per pair.
+        Costs and max C come back to the host in one transfer: one sync per check, not per pair.
         """
         rows = [r for r, flag in enumerate(done) if flag]
+        cmax = [self.c[r].amax() for r in rows]
         costs = [torch.mm(self.u[r], self.k[r].mul_(self.c[r])).mul_(self.v[r]).sum() for r in rows]
-        for row, value in zip(rows, torch.stack(costs).tolist(), strict=True):
+        host = torch.stack([torch.stack(costs), torch.stack(cmax)]).tolist()
+        for row, value, top in zip(rows, *host, strict=True):
             out = self.slot[row]
             self.cost[out] = value
             self.iters[out] = self.row_it[row]
             self.error[out] = err[row]
-            self.conv[out] = err[row] <= self.cfg.tol
+            self.cmax[out] = top
             self.f_out[out] = self.f[row] + reg * self.u[row, 0].log()
             self.g_out[out] = self.g[row] + reg * self.v[row, 0].log()
 
@@ -502,7 +507,7 @@ def run_problems(
     cost = torch.zeros(n_pairs, dtype=torch.float64)
     iters = torch.zeros(n_pairs, dtype=torch.int64)
     error = torch.zeros(n_pairs, dtype=torch.float64)
-    conv = torch.zeros(n_pairs, dtype=torch.bool)
+    cmax = torch.zeros(n_pairs, dtype=torch.float64)
     f_all: list[Tensor | None] = [None] * n_pairs
     g_all: list[Tensor | None] = [None] * n_pairs
 
@@ -545,12 +550,12 @@ def run_problems(
             else torch.stack([clouds[pairs[k][1]] for k in ks]).to(cfg.device, cfg.dtype)
         )
         out = _ChunkSolver(x, y, f0, g0, n_stages, cfg, workspace()).solve()
-        c_b, it_b, err_b, conv_b, f_b, g_b = out
+        c_b, it_b, err_b, cmax_b, f_b, g_b = out
         for row, k in enumerate(ks):
             cost[k] = float(c_b[row])
             iters[k] = it_b[row]
             error[k] = err_b[row]
-            conv[k] = conv_b[row]
+            cmax[k] = cmax_b[row]
             f_all[k], g_all[k] = f_b[row], g_b[row]
         if cfg.on_solved is not None:
             with report_lock:
@@ -559,13 +564,7 @@ def run_problems(
     waves: dict[int, list[int]] = {}
     for k in range(n_pairs):
         waves.setdefault(level[k], []).append(k)
-    parallel = cfg.workers > 1 and cfg.device.type == "cpu"
-    threads_before = torch.get_num_threads()
-    pool = ThreadPoolExecutor(cfg.workers) if parallel else None
-    try:
-        if parallel:
-            # One BLAS thread per worker: pairs in parallel beat threads inside one small gemv.
-            torch.set_num_threads(1)
+    with Workers(cfg) as workers:
         for lvl in sorted(waves):
             groups: dict[tuple[int, int, bool, bool, int], list[int]] = {}
             for k in waves[lvl]:
@@ -584,16 +583,41 @@ def run_problems(
                     )
                 size = max(1, min(cfg.max_batch, cfg.chunk_bytes // per_pair))
                 chunks += [(ks[i : i + size], warm, n_stages) for i in range(0, len(ks), size)]
-            if pool is not None:
-                list(pool.map(lambda ch: solve(*ch), chunks))
-            else:
-                for ch in chunks:
-                    solve(*ch)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        torch.set_num_threads(threads_before)
-    return Solved(cost, iters, error, conv, _filled(f_all), _filled(g_all))
+            workers.map(lambda ch: solve(*ch), chunks)
+    return Solved(cost, iters, error, error <= cfg.tol, cmax, _filled(f_all), _filled(g_all))
+
+
+class Workers:
+    """Runs independent jobs: on ``cfg.workers`` threads on the CPU, in order on CUDA.
+
+    On the CPU each worker runs single-threaded torch (the thread count is restored on
+    exit): problems side by side beat threads inside one small gemv or gemm, and a
+    multi-threaded op spin-waits for its threads, which burns CPU time when other processes
+    share the cores (a 2-thread Newton polish took the tiny-cpu demo run's OT stage from 25
+    to 134 CPU seconds on a shared 2-core machine).
+    """
+
+    def __init__(self, cfg: SolverConfig) -> None:
+        cpu = cfg.device.type == "cpu"
+        self._pool = ThreadPoolExecutor(cfg.workers) if cpu and cfg.workers > 1 else None
+        self._threads = torch.get_num_threads()
+
+    def __enter__(self) -> Workers:
+        if self._pool is not None:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        torch.set_num_threads(self._threads)
+
+    def map(self, fn: Callable[[_T], object], items: Sequence[_T]) -> None:
+        if self._pool is not None:
+            list(self._pool.map(fn, items))
+        else:
+            for item in items:
+                fn(item)
 
 
 def _filled(items: list[Tensor | None]) -> list[Tensor]:
