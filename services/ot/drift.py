@@ -56,6 +56,33 @@ class DriftSettings:
     n_projections: int
     seed: int
     options: sinkhorn.SolverOptions
+    #: Relative accuracy of every sinkhorn value (see `pairwise.pairwise_drift`).
+    rtol: float
+
+
+@dataclass
+class SolveStats:
+    """How the OT problems behind all values of a run ended, summed over every solver call.
+
+    One unit throughout: OT problems (a sinkhorn value is three: OT(p, q) and two
+    self-terms, shared between values), the unit `total_problems` and the progress count.
+    """
+
+    problems: int = 0
+    #: Still above ot.tol after the float64 polish: their values are approximate.
+    unconverged: int = 0
+    #: Polished in float64 (Sinkhorn left them above tol, or a value needed more accuracy).
+    polished: int = 0
+    #: Largest estimated error of a value relative to max(|value|, pairwise.VALUE_FLOOR).
+    max_relative_error: float = 0.0
+
+    def add(self, result: pairwise.DriftResult) -> None:
+        self.problems += result.problems
+        self.unconverged += result.unconverged_problems
+        self.polished += result.polished_problems
+        if len(result.values):
+            worst = float(result.relative_error().max())
+            self.max_relative_error = max(self.max_relative_error, worst)
 
 
 @dataclass(frozen=True)
@@ -77,7 +104,7 @@ class DriftMatrices:
     #: permutations); split p is the same token split in every layer and checkpoint, so
     #: `null.mean(0)` is the baseline of the mean curve.
     null: Tensor | None
-    unconverged: int
+    stats: SolveStats
 
     @property
     def step_mean(self) -> Tensor | None:
@@ -168,6 +195,7 @@ def compute_drift(
             warm_from=warm,
             n_projections=settings.n_projections,
             seed=settings.seed,
+            rtol=settings.rtol,
             **options,
         )
 
@@ -190,7 +218,8 @@ def compute_drift(
     plan = pairwise.depth_time_pairs(n_t, n_l)
     pairs = _offset_time_pairs(plan.pairs, n_t, n_l)
     result = solve(clouds, pairs, plan.warm_from)
-    unconverged = int((~result.converged).sum())
+    stats = SolveStats()
+    stats.add(result)
 
     depth = torch.zeros(n_t, n_l, n_l, dtype=torch.float64)
     time = torch.zeros(n_l, n_t, n_t, dtype=torch.float64) if n_t >= 2 else None
@@ -207,7 +236,7 @@ def compute_drift(
     if time is None or time_block is None:
         return DriftMatrices(
             steps, depth, scale_depth, explained_depth, None, None, None, None, None, None,
-            None, unconverged,
+            None, stats,
         )  # fmt: skip
 
     step = torch.stack([time[:, t, t + 1] for t in range(n_t - 1)], dim=1)
@@ -220,7 +249,7 @@ def compute_drift(
             idx = torch.randint(time_block.shape[2], (time_block.shape[2],), generator=gen)
             boot = list(time_block[:, :, idx].flatten(0, 1).unbind(0))
             res = solve(boot, step_pairs, step_warm)
-            unconverged += int((~res.converged).sum())
+            stats.add(res)
             reps.append(res.values.reshape(n_t - 1, n_l).T)
         stacked = torch.stack(reps)  # [B, L+1, T-1]
         alpha = (1.0 - CI_LEVEL) / 2
@@ -236,12 +265,12 @@ def compute_drift(
             perm = torch.randperm(pool.shape[1], generator=gen)
             halves = [pool[:, perm[:half]], pool[:, perm[half : 2 * half]]]
             res = solve(list(torch.cat(halves).unbind(0)), _split_pairs(pool.shape[0]), None)
-            unconverged += int((~res.converged).sum())
+            stats.add(res)
             splits.append(res.values.reshape(n_t, n_l).T)
         null = torch.stack(splits, dim=2)  # [L+1, T, P]
     return DriftMatrices(
         steps, depth, scale_depth, explained_depth, time, step, scale_time, explained_time,
-        step_ci, step_mean_ci, null, unconverged,
+        step_ci, step_mean_ci, null, stats,
     )  # fmt: skip
 
 
