@@ -398,4 +398,4 @@ def test_benchmark_quick_prints_json_lines() -> None:
     assert records and all(r["bench"] == "ot" for r in records)
     rec = records[0]
     assert rec["pairs"] == 30 and rec["driftlab_converged"]
-    assert rec["max_rel_diff"] < 1e-3 and rec["speedup"] > 0
+    assert rec["max_rel_diff"] < 1e-3 and rec["cpu_speedup"] > 0 and rec["wall_speedup"] > 0
