@@ -606,10 +606,12 @@ class OTSpec(_Section):
     """Entropic regularisation epsilon of sinkhorn."""
     scaling: bool = True
     """Anneal epsilon from large to `reg` (epsilon scaling): faster and stabler sinkhorn."""
-    max_iter: Int = Field(default=1000, gt=0)
-    """Iteration cap of sinkhorn/emd."""
-    tol: Float = Field(default=1e-4, gt=0)
-    """Stopping tolerance on the marginal error (L1: mass in the wrong place, 0..2)."""
+    max_iter: Int = Field(default=200, gt=0)
+    """Sinkhorn iterations per OT problem; a problem still above `tol` after them is finished by Newton's method in float64."""
+    tol: Float = Field(default=1e-5, gt=0)
+    """Sinkhorn's stopping tolerance on the marginal error (L1: mass in the wrong place, 0..2)."""
+    rtol: Float = Field(default=1e-3, gt=0)
+    """Relative accuracy of every sinkhorn drift value: where the error estimated from `tol` is larger, its OT problems are polished in float64 (Newton)."""
     n_points: Int = Field(default=256, gt=1)
     """Points sampled from each hidden-state cloud."""
     pca_components: Int | None = Field(default=32, gt=0)
@@ -619,7 +621,7 @@ class OTSpec(_Section):
     bootstrap: Int = Field(default=20, ge=0)
     """Bootstrap resamples for confidence intervals; 0 disables them."""
     permutations: Int = Field(default=20, ge=0)
-    """Permutations (token-wise swaps between consecutive checkpoints) for the noise baseline and p-value of each step's drift; 0 disables them."""
+    """Random splits of one checkpoint's token cloud into two disjoint halves (the n drift tokens pooled with up to n more probe tokens): the noise baseline and p-value of each step's drift; 0 disables them."""
     change_penalty: Float | None = Field(default=None, gt=0)
     """Penalty of the change-point search; null picks one from the data (BIC-like)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

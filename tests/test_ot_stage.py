@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ import torch
 
 from services.ot import phases
 from services.ot.__main__ import OT
-from services.ot.drift import DriftSettings, compute_drift, total_problems
+from services.ot.drift import DriftSettings, SolveStats, compute_drift, total_problems
+from services.ot.stage import quality_checks
 from shared import layout
 from shared.spec import RunSpec, apply_overrides
 from shared.stage import stage_main
@@ -184,7 +186,7 @@ def test_run_without_any_checkpoint_is_a_clear_error(store, capsys):
 def _settings(**kw) -> DriftSettings:
     base = {
         "method": "sinkhorn", "reg": 0.05, "pca_components": 8, "bootstrap": 0,
-        "permutations": 10, "n_projections": 64, "seed": 0,
+        "permutations": 10, "n_projections": 64, "seed": 0, "rtol": 1e-3,
         "options": {"tol": 1e-4, "max_iter": 500},
     }  # fmt: skip
     return DriftSettings(**{**base, **kw})
@@ -226,6 +228,63 @@ def test_identical_layers_have_zero_depth_drift_in_a_shared_basis():
     drift = compute_drift([0, 1], states, _settings(permutations=0))
     assert float(drift.depth[0, 0, 1]) == 0.0 and float(drift.depth[0, 0, 2]) > 0.01
     assert drift.step is not None and float(drift.step.abs().max()) == 0.0
+
+
+def _verdicts(stats: SolveStats) -> dict[str, str]:
+    return {c.check: c.verdict for c in quality_checks(stats)}
+
+
+def test_quality_checks_judge_unconverged_share_and_value_error():
+    clean = SolveStats(problems=1000, unconverged=0, polished=10, max_relative_error=2e-4)
+    assert _verdicts(clean) == {"unconverged_share": "ok", "value_error": "ok"}
+    assert _verdicts(replace(clean, unconverged=1))["unconverged_share"] == "warn"
+    assert _verdicts(replace(clean, unconverged=49))["unconverged_share"] == "warn"
+    assert _verdicts(replace(clean, unconverged=50))["unconverged_share"] == "fail"
+    assert _verdicts(replace(clean, max_relative_error=2e-3))["value_error"] == "warn"
+    assert _verdicts(replace(clean, max_relative_error=0.05))["value_error"] == "fail"
+    (share,) = [
+        c for c in quality_checks(replace(clean, unconverged=50)) if c.check == "unconverged_share"
+    ]
+    assert share.value == 0.05 and "ot.max_iter" in share.message
+
+
+def _jump_states(n_t: int = 4) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(32, 8, generator=gen)
+    return torch.stack(
+        [torch.stack([base * (1 + 0.2 * layer) + 0.02 * t * torch.randn(32, 8, generator=gen) for layer in range(3)]) for t in range(n_t)]
+    )  # fmt: skip
+
+
+def test_loose_tolerance_without_polish_is_judged_inaccurate():
+    """tol 1e-2 and an rtol that polishes nothing: the value_error check must say so."""
+    states = _jump_states()
+    loose = _settings(rtol=1e9, options={"tol": 1e-2, "max_iter": 500})
+    drift = compute_drift(list(range(4)), states, loose)
+    assert drift.stats.polished == 0 and drift.stats.max_relative_error > 1e-2
+    assert _verdicts(drift.stats)["value_error"] == "fail"
+    # The defaults polish what needs it: same clouds, accurate values, every check ok.
+    tight = compute_drift(list(range(4)), states, _settings(permutations=0))
+    assert _verdicts(tight.stats) == {"unconverged_share": "ok", "value_error": "ok"}
+    assert tight.stats.problems == total_problems(4, 3, _settings(permutations=0))
+    assert tight.time is not None and drift.time is not None
+    assert not torch.allclose(drift.time, tight.time, rtol=1e-3, atol=0)
+
+
+def test_sinkhorn_capped_at_one_iteration_is_finished_by_the_polish():
+    """A start far from the optimum changes how much Newton works, not the values."""
+    states = _jump_states()
+    capped = compute_drift(
+        list(range(4)), states, _settings(permutations=0, options={"max_iter": 1})
+    )
+    # The reference polishes every value from Sinkhorn's usual start (rtol far below any).
+    ref = compute_drift(list(range(4)), states, _settings(permutations=0, rtol=1e-12))
+    stats = capped.stats
+    assert stats.polished == stats.problems and stats.unconverged == 0
+    assert _verdicts(stats) == {"unconverged_share": "ok", "value_error": "ok"}
+    assert capped.time is not None and ref.time is not None
+    assert torch.allclose(capped.time, ref.time, rtol=1e-6, atol=1e-12)
+    assert torch.allclose(capped.depth, ref.depth, rtol=1e-6, atol=1e-12)
 
 
 def test_plateau_gives_rising_and_falling_change_points_and_one_transition():

@@ -1,4 +1,4 @@
-"""Correctness of the OT core (services/ot/sinkhorn.py) against POT and against OT's laws.
+"""Correctness of the OT core (services/ot: sinkhorn, pairwise, sliced) against POT and OT's laws.
 
 Small clouds throughout: the whole file runs in well under a minute on a 2-core CPU.
 """
@@ -17,17 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.ot.sinkhorn import (
-    DEFAULT_TOL,
-    cost_matrix,
-    cost_scale,
-    depth_time_pairs,
-    emd_cost,
-    pairwise_drift,
-    sinkhorn_cost,
-    sinkhorn_divergence,
-    sliced_wasserstein,
-)
+from services.ot.newton import newton_polish
+from services.ot.pairwise import depth_time_pairs, pairwise_drift, sinkhorn_divergence
+from services.ot.sinkhorn import DEFAULT_TOL, cost_matrix, cost_scale, emd_cost, sinkhorn_cost
+from services.ot.sliced import sliced_wasserstein
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,6 +334,47 @@ def test_pairwise_drift_reuses_self_terms_and_matches_divergence() -> None:
         pairwise_drift(data, plan.pairs, "wasserstein")  # type: ignore[arg-type]
 
 
+def test_polish_finishes_problems_sinkhorn_left_unconverged() -> None:
+    """max_iter=1 leaves every problem far from converged; the float64 polish finishes them."""
+    data = clouds(50, 4, seed=31, batch=4).float()
+    plan = depth_time_pairs(2, 2)
+    scale = cost_scale(data)
+    tight = pairwise_drift(data, plan.pairs, scale=scale, dtype=F64, tol=1e-11, max_iter=100_000)
+    capped = pairwise_drift(data, plan.pairs, scale=scale, max_iter=1)
+    assert capped.polished_problems == capped.problems == len(plan.pairs) + 4
+    assert capped.unconverged_problems == 0 and bool(capped.converged.all())
+    assert torch.allclose(capped.values, tight.values, rtol=1e-8, atol=0)
+    assert float(capped.relative_error().max()) < 1e-6
+
+
+def test_newton_polish_reaches_pot_from_a_loose_sinkhorn_start() -> None:
+    x, y = clouds(60, 3, seed=33), clouds(60, 3, seed=34, shift=0.2)
+    scale = cost_scale(x)
+    loose = sinkhorn_cost(x.float(), y.float(), 0.05, scale=scale, tol=1e-3, return_potentials=True)
+    assert loose.g is not None
+    polished = newton_polish(x, y, loose.g[0], 0.05, scale, tol=1e-13)
+    ref = pot_sinkhorn(x, y, 0.05, scale)
+    assert abs(loose.cost.item() - ref) > 1e-6  # the start is visibly off
+    assert polished.error <= 1e-13 and polished.steps <= 10
+    assert polished.cost == pytest.approx(ref, rel=1e-11)
+
+
+def test_value_error_estimate_covers_the_actual_error() -> None:
+    """At a loose tol without polish, each value's estimated error bounds its actual error."""
+    data = clouds(80, 5, seed=35, batch=6).float()
+    data += torch.arange(6, dtype=torch.float32)[:, None, None] * 0.05
+    plan = depth_time_pairs(2, 3)
+    scale = cost_scale(data)
+    exact = pairwise_drift(data, plan.pairs, scale=scale, dtype=F64, tol=1e-11, max_iter=100_000)
+    for tol in (1e-2, 1e-3, 1e-4):
+        loose = pairwise_drift(data, plan.pairs, scale=scale, tol=tol, rtol=1e9)
+        assert loose.polished_problems == 0
+        actual = (loose.values - exact.values).abs()
+        assert bool((actual <= loose.error).all()), (tol, actual / loose.error)
+        # ... and scales with the tolerance: tol x max C (normalised costs below 10 here).
+        assert float(loose.error.max()) < 10 * tol
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu() -> None:
     x = clouds(300, 16, seed=29, batch=8).float()
@@ -364,4 +398,4 @@ def test_benchmark_quick_prints_json_lines() -> None:
     assert records and all(r["bench"] == "ot" for r in records)
     rec = records[0]
     assert rec["pairs"] == 30 and rec["driftlab_converged"]
-    assert rec["max_rel_diff"] < 1e-3 and rec["speedup"] > 0
+    assert rec["max_rel_diff"] < 1e-3 and rec["cpu_speedup"] > 0 and rec["wall_speedup"] > 0

@@ -1,6 +1,7 @@
 """The OT stage: optimal-transport drift between layers and checkpoints.
 
-`services.ot.sinkhorn` holds the science core (batched entropic OT, the debiased Sinkhorn
-divergence, exact EMD for small clouds, sliced Wasserstein, and `pairwise_drift`, the entry
-point the stage uses); it knows nothing of stores, specs or Argo.
+The science core knows nothing of stores, specs or Argo: `services.ot.sinkhorn` is the
+batched entropic OT solver (and exact EMD for small clouds), `services.ot.sliced` sliced
+Wasserstein, and `services.ot.pairwise` turns pairs of clouds into drift values
+(`pairwise_drift`, the entry point the stage uses; the debiased Sinkhorn divergence).
 """

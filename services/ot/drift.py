@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.ot import sinkhorn
+from services.ot import pairwise, sinkhorn
 from services.ot.clouds import fit_basis
 
 #: Percentile interval of the bootstrap and quantile of the permutation baseline.
@@ -48,7 +48,7 @@ BASELINE_QUANTILE = 0.95
 class DriftSettings:
     """The `ot` spec section as the computation needs it."""
 
-    method: sinkhorn.Method
+    method: pairwise.Method
     reg: float
     pca_components: int | None
     bootstrap: int
@@ -56,6 +56,33 @@ class DriftSettings:
     n_projections: int
     seed: int
     options: sinkhorn.SolverOptions
+    #: Relative accuracy of every sinkhorn value (see `pairwise.pairwise_drift`).
+    rtol: float
+
+
+@dataclass
+class SolveStats:
+    """How the OT problems behind all values of a run ended, summed over every solver call.
+
+    One unit throughout: OT problems (a sinkhorn value is three: OT(p, q) and two
+    self-terms, shared between values), the unit `total_problems` and the progress count.
+    """
+
+    problems: int = 0
+    #: Still above ot.tol after the float64 polish: their values are approximate.
+    unconverged: int = 0
+    #: Polished in float64 (Sinkhorn left them above tol, or a value needed more accuracy).
+    polished: int = 0
+    #: Largest estimated error of a value relative to max(|value|, pairwise.VALUE_FLOOR).
+    max_relative_error: float = 0.0
+
+    def add(self, result: pairwise.DriftResult) -> None:
+        self.problems += result.problems
+        self.unconverged += result.unconverged_problems
+        self.polished += result.polished_problems
+        if len(result.values):
+            worst = float(result.relative_error().max())
+            self.max_relative_error = max(self.max_relative_error, worst)
 
 
 @dataclass(frozen=True)
@@ -77,7 +104,7 @@ class DriftMatrices:
     #: permutations); split p is the same token split in every layer and checkpoint, so
     #: `null.mean(0)` is the baseline of the mean curve.
     null: Tensor | None
-    unconverged: int
+    stats: SolveStats
 
     @property
     def step_mean(self) -> Tensor | None:
@@ -132,11 +159,11 @@ def p_values(observed: Tensor, null: Tensor) -> Tensor:
 def total_problems(n_checkpoints: int, n_layers: int, settings: DriftSettings) -> int:
     """OT problems `compute_drift` solves: the total its progress callback counts up to."""
     t, n_l = n_checkpoints, n_layers
-    plan = sinkhorn.depth_time_pairs(t, n_l)
-    total = sinkhorn.problem_count(_offset_time_pairs(plan.pairs, t, n_l), settings.method)
+    plan = pairwise.depth_time_pairs(t, n_l)
+    total = pairwise.problem_count(_offset_time_pairs(plan.pairs, t, n_l), settings.method)
     if t >= 2:
-        total += settings.bootstrap * sinkhorn.problem_count(_step_pairs(t, n_l), settings.method)
-        total += settings.permutations * sinkhorn.problem_count(
+        total += settings.bootstrap * pairwise.problem_count(_step_pairs(t, n_l), settings.method)
+        total += settings.permutations * pairwise.problem_count(
             _split_pairs(t * n_l), settings.method
         )
     return total
@@ -158,8 +185,8 @@ def compute_drift(
 
     def solve(
         clouds: list[Tensor], pairs: list[tuple[int, int]], warm: list[int | None] | None
-    ) -> sinkhorn.DriftResult:
-        return sinkhorn.pairwise_drift(
+    ) -> pairwise.DriftResult:
+        return pairwise.pairwise_drift(
             clouds,
             pairs,
             settings.method,
@@ -168,6 +195,7 @@ def compute_drift(
             warm_from=warm,
             n_projections=settings.n_projections,
             seed=settings.seed,
+            rtol=settings.rtol,
             **options,
         )
 
@@ -187,10 +215,11 @@ def compute_drift(
         extra_block = torch.stack([c[:, states.shape[2] :] for c in per_layer], dim=1)
         clouds += list(time_block.flatten(0, 1).unbind(0))
 
-    plan = sinkhorn.depth_time_pairs(n_t, n_l)
+    plan = pairwise.depth_time_pairs(n_t, n_l)
     pairs = _offset_time_pairs(plan.pairs, n_t, n_l)
     result = solve(clouds, pairs, plan.warm_from)
-    unconverged = int((~result.converged).sum())
+    stats = SolveStats()
+    stats.add(result)
 
     depth = torch.zeros(n_t, n_l, n_l, dtype=torch.float64)
     time = torch.zeros(n_l, n_t, n_t, dtype=torch.float64) if n_t >= 2 else None
@@ -207,7 +236,7 @@ def compute_drift(
     if time is None or time_block is None:
         return DriftMatrices(
             steps, depth, scale_depth, explained_depth, None, None, None, None, None, None,
-            None, unconverged,
+            None, stats,
         )  # fmt: skip
 
     step = torch.stack([time[:, t, t + 1] for t in range(n_t - 1)], dim=1)
@@ -220,7 +249,7 @@ def compute_drift(
             idx = torch.randint(time_block.shape[2], (time_block.shape[2],), generator=gen)
             boot = list(time_block[:, :, idx].flatten(0, 1).unbind(0))
             res = solve(boot, step_pairs, step_warm)
-            unconverged += int((~res.converged).sum())
+            stats.add(res)
             reps.append(res.values.reshape(n_t - 1, n_l).T)
         stacked = torch.stack(reps)  # [B, L+1, T-1]
         alpha = (1.0 - CI_LEVEL) / 2
@@ -236,12 +265,12 @@ def compute_drift(
             perm = torch.randperm(pool.shape[1], generator=gen)
             halves = [pool[:, perm[:half]], pool[:, perm[half : 2 * half]]]
             res = solve(list(torch.cat(halves).unbind(0)), _split_pairs(pool.shape[0]), None)
-            unconverged += int((~res.converged).sum())
+            stats.add(res)
             splits.append(res.values.reshape(n_t, n_l).T)
         null = torch.stack(splits, dim=2)  # [L+1, T, P]
     return DriftMatrices(
         steps, depth, scale_depth, explained_depth, time, step, scale_time, explained_time,
-        step_ci, step_mean_ci, null, unconverged,
+        step_ci, step_mean_ci, null, stats,
     )  # fmt: skip
 
 

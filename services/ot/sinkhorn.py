@@ -53,29 +53,23 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, TypedDict, Unpack
+from typing import TypedDict, TypeVar, Unpack
 
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
-    "DriftResult",
-    "PairPlan",
     "SinkhornResult",
+    "SolverOptions",
     "cost_matrix",
     "cost_scale",
-    "depth_time_pairs",
     "emd_cost",
-    "pairwise_drift",
-    "problem_count",
     "sinkhorn_cost",
-    "sinkhorn_divergence",
-    "sliced_wasserstein",
 ]
 
-Method = Literal["sinkhorn", "emd", "sliced"]
 Clouds = Tensor | Sequence[Tensor]
+_T = TypeVar("_T")
 
 #: Default marginal tolerance (L1) per dtype: float32 reaches ~1e-6 at N=1000; 1e-5 keeps
 #: values within ~1e-5 relative of a float64 solve. float64 can go as far as POT's default.
@@ -131,34 +125,6 @@ class SinkhornResult:
     #: a neighbouring problem.
     f: Tensor | None = None
     g: Tensor | None = None
-
-
-@dataclass(frozen=True)
-class DriftResult:
-    """Output of :func:`pairwise_drift`, one value per requested pair."""
-
-    #: The drift: Sinkhorn divergence, exact EMD cost or sliced W2^2 (normalised cost).
-    values: Tensor
-    #: OT(p, q) for each pair (equal to ``values`` for emd and sliced).
-    cost: Tensor
-    #: OT(k, k) per cloud index (sinkhorn only; NaN for clouds no pair uses).
-    self_cost: Tensor | None
-    #: Iterations per pair (sinkhorn only, zeros otherwise).
-    iterations: Tensor
-    converged: Tensor
-    scale: float
-    method: str
-    reg: float
-    #: L1 marginal tolerance the Sinkhorn solves ran to (0 for emd and sliced).
-    tol: float
-
-
-@dataclass(frozen=True)
-class PairPlan:
-    """Pairs of cloud indices and, per pair, an earlier pair to warm-start from (or None)."""
-
-    pairs: list[tuple[int, int]]
-    warm_from: list[int | None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +186,7 @@ def _max_cost_bound(x: Tensor, y: Tensor, scale: float) -> float:
 
 
 @dataclass(frozen=True)
-class _Config:
+class SolverConfig:
     reg: float
     scale: float
     tol: float
@@ -237,13 +203,15 @@ class _Config:
 
 
 @dataclass
-class _Solved:
+class Solved:
     """Engine output, one entry per pair."""
 
     cost: Tensor
     iterations: Tensor
     error: Tensor
     converged: Tensor
+    #: max C_ij of each problem: with ``error`` it sizes the error of ``cost``.
+    max_cost: Tensor
     f: list[Tensor]
     g: list[Tensor]
 
@@ -334,7 +302,7 @@ class _ChunkSolver:
     Scalings are kept as row vectors ``u[B, 1, N]``, ``v[B, 1, M]`` so every mat-vec is a
     row-vector bmm. Converged pairs are finalised at each check and the survivors compacted
     to the front of the buffers, so later iterations only touch active pairs. All pairs of
-    a chunk share one epsilon schedule (`_run` groups them so); in an intermediate stage a
+    a chunk share one epsilon schedule (`run_problems` groups them so); in an intermediate stage a
     pair that reached the stage tolerance is parked (its scalings no longer change) until
     the others catch up, so every pair's iterations and result are what it would get alone.
     """
@@ -346,7 +314,7 @@ class _ChunkSolver:
         f0: Tensor | None,
         g0: Tensor | None,
         n_stages: int,
-        cfg: _Config,
+        cfg: SolverConfig,
         ws: _Workspace,
     ) -> None:
         self.sym = y is None
@@ -370,13 +338,13 @@ class _ChunkSolver:
         self.cost = torch.zeros(n_pairs, dtype=torch.float64)
         self.iters = torch.zeros(n_pairs, dtype=torch.int64)
         self.error = torch.full((n_pairs,), math.inf, dtype=torch.float64)
-        self.conv = torch.zeros(n_pairs, dtype=torch.bool)
+        self.cmax = torch.zeros(n_pairs, dtype=torch.float64)
         self.f_out, self.g_out = torch.empty_like(self.f), torch.empty_like(self.g)
 
     def solve(self) -> _ChunkOut:
         for s_idx, reg in enumerate(self.stages):
             self._stage(reg, final=s_idx == len(self.stages) - 1)
-        return self.cost, self.iters, self.error, self.conv, self.f_out, self.g_out
+        return self.cost, self.iters, self.error, self.cmax, self.f_out, self.g_out
 
     def _stage(self, reg: float, final: bool) -> None:
         cfg = self.cfg
@@ -474,16 +442,18 @@ class _ChunkSolver:
     def _finish(self, done: list[bool], err: list[float], reg: float) -> None:
         """Write the results of the rows that stop now (this overwrites their kernel).
 
-        The costs come back to the host in one transfer: one sync per check, not per pair.
+        Costs and max C come back to the host in one transfer: one sync per check, not per pair.
         """
         rows = [r for r, flag in enumerate(done) if flag]
+        cmax = [self.c[r].amax() for r in rows]
         costs = [torch.mm(self.u[r], self.k[r].mul_(self.c[r])).mul_(self.v[r]).sum() for r in rows]
-        for row, value in zip(rows, torch.stack(costs).tolist(), strict=True):
+        host = torch.stack([torch.stack(costs), torch.stack(cmax)]).tolist()
+        for row, value, top in zip(rows, *host, strict=True):
             out = self.slot[row]
             self.cost[out] = value
             self.iters[out] = self.row_it[row]
             self.error[out] = err[row]
-            self.conv[out] = err[row] <= self.cfg.tol
+            self.cmax[out] = top
             self.f_out[out] = self.f[row] + reg * self.u[row, 0].log()
             self.g_out[out] = self.g[row] + reg * self.v[row, 0].log()
 
@@ -512,13 +482,13 @@ def _pair_bytes(n: int, m: int, d: int, itemsize: int) -> int:
     return (2 * n * m + 8 * (n + m) + 2 * (n + m) * (d + 2)) * itemsize
 
 
-def _run(
+def run_problems(
     clouds: Sequence[Tensor],
     pairs: Sequence[tuple[int, int]],
     warm_from: Sequence[int | None],
     init: Sequence[tuple[Tensor, Tensor] | None],
-    cfg: _Config,
-) -> _Solved:
+    cfg: SolverConfig,
+) -> Solved:
     """Solve OT(clouds[p], clouds[q]) for every pair; pairs with p == q use the symmetric solver.
 
     A pair whose ``warm_from`` names an earlier pair starts from that pair's potentials, so
@@ -537,7 +507,7 @@ def _run(
     cost = torch.zeros(n_pairs, dtype=torch.float64)
     iters = torch.zeros(n_pairs, dtype=torch.int64)
     error = torch.zeros(n_pairs, dtype=torch.float64)
-    conv = torch.zeros(n_pairs, dtype=torch.bool)
+    cmax = torch.zeros(n_pairs, dtype=torch.float64)
     f_all: list[Tensor | None] = [None] * n_pairs
     g_all: list[Tensor | None] = [None] * n_pairs
 
@@ -580,12 +550,12 @@ def _run(
             else torch.stack([clouds[pairs[k][1]] for k in ks]).to(cfg.device, cfg.dtype)
         )
         out = _ChunkSolver(x, y, f0, g0, n_stages, cfg, workspace()).solve()
-        c_b, it_b, err_b, conv_b, f_b, g_b = out
+        c_b, it_b, err_b, cmax_b, f_b, g_b = out
         for row, k in enumerate(ks):
             cost[k] = float(c_b[row])
             iters[k] = it_b[row]
             error[k] = err_b[row]
-            conv[k] = conv_b[row]
+            cmax[k] = cmax_b[row]
             f_all[k], g_all[k] = f_b[row], g_b[row]
         if cfg.on_solved is not None:
             with report_lock:
@@ -594,13 +564,7 @@ def _run(
     waves: dict[int, list[int]] = {}
     for k in range(n_pairs):
         waves.setdefault(level[k], []).append(k)
-    parallel = cfg.workers > 1 and cfg.device.type == "cpu"
-    threads_before = torch.get_num_threads()
-    pool = ThreadPoolExecutor(cfg.workers) if parallel else None
-    try:
-        if parallel:
-            # One BLAS thread per worker: pairs in parallel beat threads inside one small gemv.
-            torch.set_num_threads(1)
+    with Workers(cfg) as workers:
         for lvl in sorted(waves):
             groups: dict[tuple[int, int, bool, bool, int], list[int]] = {}
             for k in waves[lvl]:
@@ -619,16 +583,41 @@ def _run(
                     )
                 size = max(1, min(cfg.max_batch, cfg.chunk_bytes // per_pair))
                 chunks += [(ks[i : i + size], warm, n_stages) for i in range(0, len(ks), size)]
-            if pool is not None:
-                list(pool.map(lambda ch: solve(*ch), chunks))
-            else:
-                for ch in chunks:
-                    solve(*ch)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        torch.set_num_threads(threads_before)
-    return _Solved(cost, iters, error, conv, _filled(f_all), _filled(g_all))
+            workers.map(lambda ch: solve(*ch), chunks)
+    return Solved(cost, iters, error, error <= cfg.tol, cmax, _filled(f_all), _filled(g_all))
+
+
+class Workers:
+    """Runs independent jobs: on ``cfg.workers`` threads on the CPU, in order on CUDA.
+
+    On the CPU each worker runs single-threaded torch (the thread count is restored on
+    exit): problems side by side beat threads inside one small gemv or gemm, and a
+    multi-threaded op spin-waits for its threads, which burns CPU time when other processes
+    share the cores (a 2-thread Newton polish took the tiny-cpu demo run's OT stage from 25
+    to 134 CPU seconds on a shared 2-core machine).
+    """
+
+    def __init__(self, cfg: SolverConfig) -> None:
+        cpu = cfg.device.type == "cpu"
+        self._pool = ThreadPoolExecutor(cfg.workers) if cpu and cfg.workers > 1 else None
+        self._threads = torch.get_num_threads()
+
+    def __enter__(self) -> Workers:
+        if self._pool is not None:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        torch.set_num_threads(self._threads)
+
+    def map(self, fn: Callable[[_T], object], items: Sequence[_T]) -> None:
+        if self._pool is not None:
+            list(self._pool.map(fn, items))
+        else:
+            for item in items:
+                fn(item)
 
 
 def _filled(items: list[Tensor | None]) -> list[Tensor]:
@@ -643,7 +632,7 @@ def _as_points(x: Clouds) -> Tensor:
     return torch.cat([c.reshape(-1, c.shape[-1]) for c in x])
 
 
-def _as_clouds(x: Clouds) -> list[Tensor]:
+def as_clouds(x: Clouds) -> list[Tensor]:
     """A batch as a list of [N, d] clouds: accepts [N, d], [B, N, d] or a sequence of [N, d]."""
     if isinstance(x, Tensor):
         if x.dim() == 2:
@@ -696,7 +685,7 @@ class SolverOptions(TypedDict, total=False):
     on_solved: Callable[[int], None] | None
 
 
-def _config(like: Tensor, reg: float, scale: float, options: SolverOptions) -> _Config:
+def solver_config(like: Tensor, reg: float, scale: float, options: SolverOptions) -> SolverConfig:
     """Resolve the device-dependent defaults: this is the only place the device matters."""
     if not reg > 0.0:
         raise ValueError(f"reg must be > 0, got {reg}")
@@ -717,7 +706,7 @@ def _config(like: Tensor, reg: float, scale: float, options: SolverOptions) -> _
     tol = options.get("tol")
     max_batch = options.get("max_batch")
     workers = options.get("workers")
-    return _Config(
+    return SolverConfig(
         reg=float(reg),
         scale=float(scale),
         tol=DEFAULT_TOL[dt] if tol is None else float(tol),
@@ -759,11 +748,11 @@ def sinkhorn_cost(
     Per-pair scalars come back on the CPU (costs in float64); potentials stay on the device.
     See :class:`SolverOptions` for the rest.
     """
-    xs, ys = _as_clouds(x), _as_clouds(y)
+    xs, ys = as_clouds(x), as_clouds(y)
     if len(xs) != len(ys):
         raise ValueError(f"x has {len(xs)} clouds and y has {len(ys)}")
     sc = cost_scale(xs) if scale is None else float(scale)
-    cfg = _config(xs[0], reg, sc, options)
+    cfg = solver_config(xs[0], reg, sc, options)
     n_pairs = len(xs)
     pairs = [(k, n_pairs + k) for k in range(n_pairs)]
     init: list[tuple[Tensor, Tensor] | None] = (
@@ -771,7 +760,7 @@ def sinkhorn_cost(
         if warm_start is None
         else [(warm_start[0][k], warm_start[1][k]) for k in range(n_pairs)]
     )
-    out = _run(xs + ys, pairs, [None] * n_pairs, init, cfg)
+    out = run_problems(xs + ys, pairs, [None] * n_pairs, init, cfg)
     return SinkhornResult(
         cost=out.cost,
         iterations=out.iterations,
@@ -785,29 +774,6 @@ def sinkhorn_cost(
     )
 
 
-def sinkhorn_divergence(
-    x: Clouds,
-    y: Clouds,
-    reg: float,
-    *,
-    scale: float | None = None,
-    **options: Unpack[SolverOptions],
-) -> Tensor:
-    """Debiased Sinkhorn divergence ``S = OT(x, y) - OT(x, x) / 2 - OT(y, y) / 2`` per pair.
-
-    The raw entropic cost is biased (OT(a, a) > 0: the entropic plan blurs mass); S is
-    symmetric and S(a, a) = 0. ``scale`` defaults to :func:`cost_scale` of the x clouds.
-    Returns a float64 CPU tensor ``[B]``; options as in :class:`SolverOptions`.
-    """
-    xs, ys = _as_clouds(x), _as_clouds(y)
-    if len(xs) != len(ys):
-        raise ValueError(f"x has {len(xs)} clouds and y has {len(ys)}")
-    n_pairs = len(xs)
-    sc = cost_scale(xs) if scale is None else float(scale)
-    pairs = [(k, n_pairs + k) for k in range(n_pairs)]
-    return pairwise_drift(xs + ys, pairs, "sinkhorn", reg, scale=sc, **options).values
-
-
 def emd_cost(x: Clouds, y: Clouds, *, scale: float | None = None) -> Tensor:
     """Exact OT cost per pair with POT's network simplex (``ot.emd2``), for small N.
 
@@ -819,7 +785,7 @@ def emd_cost(x: Clouds, y: Clouds, *, scale: float | None = None) -> Tensor:
         import ot  # POT: optional at runtime, absent from the GPU images
     except ImportError as exc:  # pragma: no cover - depends on the image
         raise RuntimeError("emd_cost needs POT (pip install POT); use method='sinkhorn'") from exc
-    xs, ys = _as_clouds(x), _as_clouds(y)
+    xs, ys = as_clouds(x), as_clouds(y)
     if len(xs) != len(ys):
         raise ValueError(f"x has {len(xs)} clouds and y has {len(ys)}")
     sc = cost_scale(xs) if scale is None else float(scale)
@@ -834,199 +800,3 @@ def emd_cost(x: Clouds, y: Clouds, *, scale: float | None = None) -> Tensor:
         b = np.full(cmat.shape[1], 1.0 / cmat.shape[1])
         out[k] = float(ot.emd2(a, b, cmat, numItermax=10_000_000))
     return out
-
-
-def _sorted_projections(clouds: Sequence[Tensor], theta: Tensor) -> list[Tensor]:
-    """Each cloud projected on every direction and sorted: [N, P] quantile functions."""
-    return [torch.sort(c.to(theta) @ theta, dim=0).values for c in clouds]
-
-
-def _w2_sorted(sx: Tensor, sy: Tensor) -> Tensor:
-    """Mean over directions of the exact 1-D W2^2 between two sorted uniform samples.
-
-    Equal sizes pair the order statistics. Otherwise the two quantile functions are step
-    functions with breaks at i/N and j/M; on integers (levels times N*M) the merged breaks
-    and the step each falls in are exact, with no floating-point ties.
-    """
-    n, m = sx.shape[0], sy.shape[0]
-    if n == m:
-        return (sx - sy).pow(2).mean(0).mean()
-    levels = torch.unique(torch.cat([torch.arange(1, n + 1) * m, torch.arange(1, m + 1) * n]))
-    widths = torch.diff(levels, prepend=levels.new_zeros(1)).to(sx) / (n * m)
-    ix = (levels + m - 1) // m - 1
-    iy = (levels + n - 1) // n - 1
-    diff = sx[ix.to(sx.device)] - sy[iy.to(sy.device)]
-    return (widths.to(sx.device)[:, None] * diff.pow(2)).sum(0).mean()
-
-
-def _directions(d: int, n_projections: int, seed: int, like: Tensor, dtype: torch.dtype) -> Tensor:
-    """Uniform directions on the sphere, drawn on the CPU so a seed means the same everywhere."""
-    gen = torch.Generator().manual_seed(seed)
-    theta = torch.randn(d, n_projections, generator=gen, dtype=torch.float64)
-    theta /= theta.norm(dim=0, keepdim=True)
-    return theta.to(like.device, dtype)
-
-
-def sliced_wasserstein(
-    x: Clouds,
-    y: Clouds,
-    *,
-    n_projections: int = 256,
-    seed: int = 0,
-    scale: float | None = None,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Sliced W2^2 per pair: the mean over random directions of the 1-D W2^2, / scale.
-
-    The directions are seeded (same seed, same directions, on any device), so values are
-    reproducible and comparable across pairs. Cheap (sorting, no iterations) and a lower
-    bound on W2^2 / scale; it ranks drifts like the full OT does. Returns float64 CPU [B].
-    """
-    xs, ys = _as_clouds(x), _as_clouds(y)
-    if len(xs) != len(ys):
-        raise ValueError(f"x has {len(xs)} clouds and y has {len(ys)}")
-    n_pairs = len(xs)
-    sc = cost_scale(xs) if scale is None else float(scale)
-    return _sliced_pairs(
-        xs + ys, [(k, n_pairs + k) for k in range(n_pairs)], n_projections, seed, sc, dtype
-    )
-
-
-def _sliced_pairs(
-    clouds: Sequence[Tensor],
-    pairs: Sequence[tuple[int, int]],
-    n_projections: int,
-    seed: int,
-    scale: float,
-    dtype: torch.dtype | None,
-) -> Tensor:
-    """Sliced W2^2 for pairs of clouds; each cloud is projected and sorted once."""
-    theta = _directions(clouds[0].shape[1], n_projections, seed, clouds[0], dtype or torch.float32)
-    used = sorted({i for pq in pairs for i in pq})
-    proj = dict(zip(used, _sorted_projections([clouds[i] for i in used], theta), strict=True))
-    out = torch.empty(len(pairs), dtype=torch.float64)
-    for k, (p, q) in enumerate(pairs):
-        out[k] = float(_w2_sorted(proj[p], proj[q])) / scale
-    return out
-
-
-def depth_time_pairs(n_checkpoints: int, n_layers: int) -> PairPlan:
-    """The drift pairs of a run, over clouds indexed ``t * n_layers + layer``.
-
-    Depth pairs: at each checkpoint, every layer pair i < j. Time pairs: for each layer,
-    every checkpoint pair s < t. Each pair warm-starts from its nearest earlier neighbour
-    (the same layers one checkpoint before; for time pairs (s, t-1), or (s-1, s) for
-    consecutive ones), which is close because consecutive checkpoints are.
-    """
-    n_t, n_l = n_checkpoints, n_layers
-    pairs: list[tuple[int, int]] = []
-    warm: list[int | None] = []
-    index: dict[tuple[str, int, int, int], int] = {}
-
-    def add(key: tuple[str, int, int, int], pair: tuple[int, int], src: int | None) -> None:
-        index[key] = len(pairs)
-        pairs.append(pair)
-        warm.append(src)
-
-    for t in range(n_t):
-        for i in range(n_l):
-            for j in range(i + 1, n_l):
-                add(("d", t, i, j), (t * n_l + i, t * n_l + j), index.get(("d", t - 1, i, j)))
-    for layer in range(n_l):
-        for s in range(n_t):
-            for t in range(s + 1, n_t):
-                src = ("t", layer, s, t - 1) if t - 1 > s else ("t", layer, s - 1, s)
-                add(("t", layer, s, t), (s * n_l + layer, t * n_l + layer), index.get(src))
-    return PairPlan(pairs, warm)
-
-
-def problem_count(pairs: Sequence[tuple[int, int]], method: Method) -> int:
-    """OT problems :func:`pairwise_drift` solves for ``pairs``: the total ``on_solved`` reaches.
-
-    Sinkhorn also solves one self-term OT(k, k) per distinct cloud the pairs use.
-    """
-    if method == "sinkhorn":
-        return len(pairs) + len({i for pq in pairs for i in pq})
-    return len(pairs)
-
-
-def pairwise_drift(
-    clouds: Clouds,
-    pairs: Sequence[tuple[int, int]],
-    method: Method = "sinkhorn",
-    reg: float = 0.05,
-    *,
-    scale: float | None = None,
-    warm_from: Sequence[int | None] | None = None,
-    n_projections: int = 256,
-    seed: int = 0,
-    **options: Unpack[SolverOptions],
-) -> DriftResult:
-    """Drift between clouds for a list of index pairs: the entry point of the OT stage.
-
-    ``clouds`` is ``[K, N, d]`` (or a sequence of ``[N_k, d]``), e.g. hidden states of a
-    fixed probe set per (checkpoint, layer); ``pairs`` index into it (see
-    :func:`depth_time_pairs`, which also gives ``warm_from``). One ``scale`` serves every
-    pair (default :func:`cost_scale` of all clouds pooled) so reg means one thing.
-
-    * ``sinkhorn``: the debiased divergence; each cloud's self-term OT(k, k) is solved once
-      and reused by every pair it appears in.
-    * ``emd``: the exact cost (POT), small N only. ``sliced``: sliced W2^2.
-    """
-    cl = _as_clouds(clouds)
-    pair_list = [(int(p), int(q)) for p, q in pairs]
-    for p, q in pair_list:
-        if not (0 <= p < len(cl) and 0 <= q < len(cl)):
-            raise ValueError(f"pair {(p, q)} indexes outside the {len(cl)} clouds")
-    sc = cost_scale(cl) if scale is None else float(scale)
-    n_pairs = len(pair_list)
-    none = torch.zeros(n_pairs, dtype=torch.int64)
-    on_solved = options.get("on_solved")
-    if method in ("emd", "sliced"):
-        if method == "emd":
-            xs, ys = [cl[p] for p, _ in pair_list], [cl[q] for _, q in pair_list]
-            values = emd_cost(xs, ys, scale=sc)
-        else:
-            values = _sliced_pairs(cl, pair_list, n_projections, seed, sc, options.get("dtype"))
-        if on_solved is not None:
-            on_solved(n_pairs)
-        return DriftResult(values, values, None, none, none == 0, sc, method, 0.0, 0.0)
-    if method != "sinkhorn":
-        raise ValueError(f"method must be 'sinkhorn', 'emd' or 'sliced', got {method!r}")
-
-    warm = list(warm_from) if warm_from is not None else [None] * n_pairs
-    if len(warm) != n_pairs:
-        raise ValueError(f"warm_from has {len(warm)} entries for {n_pairs} pairs")
-    # A pair of identical clouds is its own self-term: solving it as (p, p) makes S exactly
-    # 0 (alternating Sinkhorn would crawl towards it instead).
-    solve_pairs = [
-        (p, p) if p != q and cl[p].shape == cl[q].shape and torch.equal(cl[p], cl[q]) else (p, q)
-        for p, q in pair_list
-    ]
-    used = sorted({i for pq in pair_list for i in pq})
-    # A cloud's self-term warm-starts from the earlier cloud that a warm-started pair links
-    # it to (the same layer one checkpoint before, in a depth_time_pairs plan).
-    self_src: dict[int, int] = {}
-    for k, src in enumerate(warm):
-        if src is not None:
-            for c_now, c_before in zip(pair_list[k], pair_list[src], strict=True):
-                if c_before < c_now:
-                    self_src.setdefault(c_now, c_before)
-    slot = {c: n_pairs + i for i, c in enumerate(used)}
-    all_pairs = solve_pairs + [(c, c) for c in used]
-    all_warm = warm + [slot[self_src[c]] if c in self_src else None for c in used]
-    cfg = _config(cl[0], reg, sc, options)
-    out = _run(cl, all_pairs, all_warm, [None] * len(all_pairs), cfg)
-    self_cost = torch.full((len(cl),), math.nan, dtype=torch.float64)
-    self_conv = torch.ones(len(cl), dtype=torch.bool)
-    idx = torch.tensor(used, dtype=torch.int64)
-    self_cost[idx] = out.cost[n_pairs:]
-    self_conv[idx] = out.converged[n_pairs:]
-    p_idx = torch.tensor([p for p, _ in pair_list], dtype=torch.int64)
-    q_idx = torch.tensor([q for _, q in pair_list], dtype=torch.int64)
-    cross = out.cost[:n_pairs]
-    values = cross - 0.5 * self_cost[p_idx] - 0.5 * self_cost[q_idx]
-    converged = out.converged[:n_pairs] & self_conv[p_idx] & self_conv[q_idx]
-    return DriftResult(
-        values, cross, self_cost, out.iterations[:n_pairs], converged, sc, method, cfg.reg, cfg.tol
-    )

@@ -21,17 +21,19 @@ from services.ot.drift import (
     CI_LEVEL,
     DriftMatrices,
     DriftSettings,
+    SolveStats,
     compute_drift,
     p_values,
     total_problems,
 )
 from shared import layout
+from shared.quality import QualityCheck, at_most
 from shared.spec import OTSpec
 from shared.stage import StageContext, resolve_device
 from shared.steps import eval_metrics, selected_steps
 from shared.store import Store
 
-PHASES_FORMAT = 1
+PHASES_FORMAT = 2
 DEPTH_ONLY_NOTE = (
     "analysis-only run: one checkpoint (step {step}), so only depth drift (between layers) "
     "is computed; time and step drift, change points and the eval alignment need at least "
@@ -51,18 +53,19 @@ def run_ot(ctx: StageContext) -> None:
         "" if n_t >= 2 else " (one checkpoint: depth drift only)",
     )  # fmt: skip
     total = total_problems(n_t, n_l, settings)
-    with ctx.progress(total, unit="pairs", desc="OT pairs") as prog:
+    with ctx.progress(total, unit="problems", desc="OT problems") as prog:
 
         def solved(n: int) -> None:
             prog.update(n)
             prog.inc("driftlab_ot_pairs_done_total", n)
 
         drift = compute_drift(steps, clouds.states, settings, solved, clouds.extra)
-    if drift.unconverged:
-        ctx.log.warning(
-            "%d OT problems stopped at ot.max_iter=%d before ot.tol=%g; their values are "
-            "approximate (raise max_iter or tol)", drift.unconverged, ot.max_iter, ot.tol,
-        )  # fmt: skip
+    stats = drift.stats
+    ctx.log.info(
+        "%d of %d OT problems polished in float64; largest estimated relative error %.2g",
+        stats.polished, stats.problems, stats.max_relative_error,
+    )  # fmt: skip
+    ctx.judge(*quality_checks(stats))
     ctx.store.put_tensors(
         layout.ot_drift_key(ctx.run_id),
         {k: v.contiguous() for k, v in drift.tensors().items()}
@@ -76,11 +79,40 @@ def run_ot(ctx: StageContext) -> None:
     ctx.headline.update(
         checkpoints=n_t,
         layers=n_l,
-        pairs=total,
-        unconverged=drift.unconverged,
+        problems=stats.problems,
+        unconverged_problems=stats.unconverged,
+        polished_problems=stats.polished,
+        max_relative_error=stats.max_relative_error,
         depth_only=n_t < 2,
         transitions=[t["step"] for t in mean["transitions"]] if mean else [],
     )
+
+
+def quality_checks(stats: SolveStats) -> list[QualityCheck]:
+    """The OT stage's verdicts on its own values (see `shared.quality`).
+
+    * ``unconverged_share``: OT problems still above ot.tol after the float64 polish, of
+      all problems (one unit: the progress count). Their values are approximate; one warns,
+      5% fails.
+    * ``value_error``: the largest estimated error of a drift value relative to the value
+      (`pairwise.DriftResult.relative_error`), from the marginal errors the solves stopped
+      at; above 1e-3 (0.1%) warns, 1e-2 fails.
+    """
+    share = stats.unconverged / stats.problems if stats.problems else 0.0
+    return [
+        at_most(
+            "ot", "unconverged_share", share,
+            what="share of OT problems still above ot.tol after the float64 polish",
+            fix="raise ot.max_iter or ot.reg, or loosen ot.tol",
+            warn=1.0 / max(stats.problems, 1), fail=0.05,
+        ),
+        at_most(
+            "ot", "value_error", stats.max_relative_error,
+            what="largest estimated relative error of a drift value",
+            fix="lower ot.rtol (values above it are polished in float64) or ot.tol",
+            warn=1e-3, fail=1e-2,
+        ),
+    ]  # fmt: skip
 
 
 def _settings(ot: OTSpec, device: str) -> DriftSettings:
@@ -92,6 +124,7 @@ def _settings(ot: OTSpec, device: str) -> DriftSettings:
         permutations=ot.permutations,
         n_projections=ot.n_projections,
         seed=ot.seed,
+        rtol=ot.rtol,
         options={
             "tol": ot.tol,
             "max_iter": ot.max_iter,
@@ -108,6 +141,8 @@ def _metadata(ot: OTSpec, clouds: HiddenClouds) -> dict[str, str]:
         "method": ot.method,
         "reg": repr(ot.reg),
         "tol": repr(ot.tol),
+        "rtol": repr(ot.rtol),
+        "max_iter": str(ot.max_iter),
         "dtype": ot.dtype,
         "n_points": str(len(clouds.token_index)),
         "pca_components": json.dumps(ot.pca_components),
@@ -145,7 +180,10 @@ def _phases(store: Store, run_id: str, ot: OTSpec, drift: DriftMatrices) -> dict
         "steps": steps,
         "method": ot.method,
         "reg": ot.reg,
-        "unconverged_pairs": drift.unconverged,
+        "problems": drift.stats.problems,
+        "unconverged_problems": drift.stats.unconverged,
+        "polished_problems": drift.stats.polished,
+        "max_relative_error": drift.stats.max_relative_error,
     }
     if drift.step is None:
         return report | {"depth_only": True, "note": DEPTH_ONLY_NOTE.format(step=steps[0])}
