@@ -69,8 +69,9 @@ def test_every_config_validates_and_round_trips(path):
 def test_tiny_cpu_is_tiny():
     spec = load_spec(ROOT / "configs" / "tiny-cpu.yaml")
     assert spec.run.name == "tiny-cpu"
-    assert model_sizes(spec) == MODEL_PRESETS["tiny"]
-    assert spec.train.steps is not None and spec.train.steps <= 500
+    sizes = model_sizes(spec)
+    assert (sizes.n_layer, sizes.n_embd) == (1, 128)  # one block: the demo learns in seconds
+    assert spec.train.steps is not None and spec.train.steps <= 1000
     assert all(spec.resources.for_stage(s).gpus == 0 for s in layout.STAGES)
 
 
