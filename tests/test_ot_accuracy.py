@@ -90,13 +90,17 @@ def _newton_fixed_point(c: np.ndarray, reg: float) -> tuple[np.ndarray, np.ndarr
         if err < 1e-14:
             break
         col = p.sum(0)
-        step = np.linalg.solve(np.diag(col) - n * p.T @ p + 1.0 / m**2, reg * (1.0 / m - col))
+        grad = 1.0 / m - col
+        hess = np.diag(col) - n * p.T @ p + 1.0 / m**2
+        step = np.linalg.lstsq(hess, reg * grad, rcond=None)[0]
         t = 1.0
-        while t > 1e-6:  # backtrack until the concave semi-dual rises
+        while t > 1e-9:  # Armijo backtracking on the concave semi-dual
             f_t, p_t, dual_t, err_t = plan(g + t * step)
-            if dual_t >= dual - 1e-15:
+            if dual_t >= dual + 1e-4 * t * (grad @ step) - 1e-15 * abs(dual):
                 break
             t /= 2
+        else:
+            break  # no step helps: leave the rest to POT
         g, f, p, dual, err = g + t * step, f_t, p_t, dual_t, err_t
     return f, g
 
@@ -147,8 +151,8 @@ def test_stage_values_are_within_1e3_of_converged_pot(real_run: tuple[Any, str])
         got = tensors[name].numpy()
         rel = np.abs(got - want) / np.maximum(np.abs(want), VALUE_FLOOR)
         assert rel.max() <= 1e-3, (name, rel.max(), got, want)
-    # The case is a hard one: some step drifts are small next to the OT costs behind them
-    # (where 1e-3 relative is strict), and the stage had to polish problems to get there.
+    # The case is a hard one: some step drift is 100x below the largest drift, a small
+    # difference of large costs where 1e-3 relative is strict, and the stage polished.
     assert np.abs(want_time).max() > 100 * np.abs(np.diagonal(want_time, 1, 1, 2)).min() > 0
     status = store.get_json(layout.status_key(run_id, "ot"))
     headline, quality = status["headline"], {q["check"]: q for q in status["quality"]}

@@ -109,8 +109,11 @@ def newton_polish(
         rhs = (reg * grad)[:, None]
         if int(info) == 0:
             dg = torch.cholesky_solve(rhs, factor)[:, 0]
-        else:  # numerically indefinite: LU still solves it
-            dg = torch.linalg.solve(schur, rhs)[:, 0]
+        else:  # numerically indefinite: LU still solves it, unless it is singular too
+            solution, info = torch.linalg.solve_ex(schur, rhs)
+            if int(info) != 0:
+                break
+            dg = solution[:, 0]
         slope = float(grad @ dg)
         step, accepted = 1.0, False
         while step >= _MIN_STEP:

@@ -41,9 +41,10 @@ How it is fast (profiled on a 2-core CPU, N=1000, d=64; see benchmarks/bench_ot.
 * Dual potentials can be warm-started from a neighbouring pair, and cold starts at small
   reg use epsilon scaling.
 
-Known limit: pairs of near-duplicate clouds (a plan close to a permutation with near ties)
-converge slowly, as they do in every Sinkhorn implementation; ``max_iter`` caps them and
-``converged`` says so.
+Known limit: pairs of near-duplicate clouds (a plan close to a permutation with near ties,
+duplicate points) converge slowly, sublinearly on real hidden states, as they do in every
+Sinkhorn implementation; ``max_iter`` caps them and ``converged`` says so, and
+``pairwise.pairwise_drift`` finishes them by Newton's method (``newton.py``).
 """
 
 from __future__ import annotations
