@@ -32,13 +32,7 @@ from shared.spec import RunSpec, apply_overrides
 from shared.stage import stage_main
 from shared.store import open_store
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared: small tensors gain nothing from more
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- tracking on hand-made activations ---------------------------------------------------

@@ -70,12 +70,7 @@ def _recovery(sae: SparseAutoencoder, dictionary: torch.Tensor) -> float:
     return float((dictionary @ w.T).max(1).values.mean())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared: small tensors gain nothing from more
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(
