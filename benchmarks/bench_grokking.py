@@ -10,8 +10,8 @@ report with it, and prints JSON lines:
 - one per run: the step at which test accuracy crosses 50% (`grok_step`; grokking is the
   jump from memorised-train-only to generalising), the accuracy jumps, OT change points and
   HMM state changes the report's phase-agreement section found, the OT change points whose
-  size exceeds the same-token drift baseline (`ot_significant`: the rest are within
-  noise), and, for each of OT, significant OT and HMM, the boundary nearest the grok step
+  size exceeds their curve's drift baseline in some layer or in the mean over layers
+  (`ot_significant`: the rest are within noise), and, for each of OT, significant OT and HMM, the boundary nearest the grok step
   with its offset in checkpoints (negative: earlier);
 - a summary: how many runs grokked, and in how many of them OT and the HMM put a
   boundary within `evaluate.phase_tolerance` checkpoints of the grok step.
@@ -89,10 +89,8 @@ def analyse(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
         checkpoints = phases["checkpoints"]
         accuracy = report["training"]["eval"].get("eval_accuracy") or [None] * len(checkpoints)
         sources = dict(phases["sources"])
-        if "ot" in sources:
-            sources["ot_significant"] = [
-                int(c["step"]) for c in report["drift"]["change_points"] if c["exceeds_baseline"]
-            ]
+        if phases.get("ot_significant") is not None:
+            sources["ot_significant"] = [point["step"] for point in phases["ot_significant"]]
         grok = crossing_step(checkpoints, accuracy)
         line: dict[str, Any] = {
             "case": "grokking",

@@ -103,6 +103,26 @@ def test_pair_agreement_counts_matches_within_tolerance():
     assert agreement.accuracy_jumps([0, 1, 2], [0.1, 0.11, 0.12]) == []
 
 
+def test_significant_ot_change_points_test_each_curve_against_its_own_baseline():
+    # The demo's shape: the embeddings' split-half baseline is large, so the mean curve's
+    # baseline hides a change that layer 1 shows far above its own.
+    def point(step, exceeds):
+        return {"step": step, "exceeds_baseline": exceeds}
+
+    phases = {
+        "curves": {
+            "layer-00": {"change_points": [point(300, False)]},
+            "layer-01": {"change_points": [point(100, True), point(300, True)]},
+            "mean": {"change_points": [point(100, True), point(300, False), point(350, False)]},
+        }
+    }
+    assert agreement.significant_ot_change_points(phases) == [
+        {"step": 100, "curves": ["layer-01", "mean"]},
+        {"step": 300, "curves": ["layer-01"]},
+    ]
+    assert agreement.significant_ot_change_points({**phases, "depth_only": True}) == []
+
+
 def test_full_report_has_every_section_and_agreeing_phases(store):
     run_id = make_run(store)
     assert _evaluate(store, run_id) == 0

@@ -48,18 +48,24 @@ def ot_change_points(phases: Mapping[str, Any]) -> list[int]:
     return sorted({int(item["step"]) for item in mean.get("change_points", [])})
 
 
-def significant_ot_change_points(phases: Mapping[str, Any]) -> list[int]:
-    """The OT change points whose size exceeds the drift's permutation baseline (not noise)."""
+def significant_ot_change_points(phases: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The OT change points that exceed their own curve's permutation baseline (not noise).
+
+    Every curve of `ot/phases.json` is tested against its own baseline: each layer's and the
+    mean over layers. The mean alone is not enough: its baseline is the mean of the layers'
+    baselines, and a layer whose cloud holds few distinct points (the embeddings of a small
+    vocabulary) has a large split-half baseline but little same-token drift, so it can
+    hide a change that another layer shows far above its own noise. Each step comes once,
+    with the curves that found it, sorted.
+    """
     if phases.get("depth_only"):
         return []
-    mean = phases.get("curves", {}).get("mean", {})
-    return sorted(
-        {
-            int(item["step"])
-            for item in mean.get("change_points", [])
-            if item.get("exceeds_baseline")
-        }
-    )
+    curves: dict[int, list[str]] = {}
+    for name, curve in phases.get("curves", {}).items():
+        for item in curve.get("change_points", []):
+            if item.get("exceeds_baseline"):
+                curves.setdefault(int(item["step"]), []).append(name)
+    return [{"step": step, "curves": sorted(names)} for step, names in sorted(curves.items())]
 
 
 def crossing_step(checkpoints: Sequence[int], accuracy: Sequence[float | None]) -> int | None:

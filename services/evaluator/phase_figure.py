@@ -3,8 +3,9 @@
 Held-out accuracy, the mean step drift of the hidden states (with the drift between two
 halves of one checkpoint's cloud, the resolution below which drift is noise) and the HMM's
 decoded states of the training dynamics: when the three change together, the picture says
-so without a table. OT change points above the baseline are solid, the others dotted; the
-step where accuracy first crosses 50% is dashed black.
+so without a table. OT change points above their curve's baseline (in some layer or in the
+mean over layers) are solid, the mean curve's others dotted; the step where accuracy first
+crosses 50% is dashed black.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class PhaseSeries:
     accuracy: Sequence[float | None] | None = None
     drift: Sequence[float] | None = None  # mean step drift, interval i ending at checkpoint i+1
     baseline: Sequence[float] | None = None
-    ot_points: Sequence[tuple[int, bool]] = ()  # (step, exceeds the baseline)
+    ot_points: Sequence[tuple[int, bool]] = ()  # (step, exceeds a curve's baseline)
     hmm_steps: Sequence[int] = ()
     hmm_states: Sequence[int] = ()
     crossing: int | None = None

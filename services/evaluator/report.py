@@ -220,6 +220,9 @@ def _hmm(r: Report) -> str:
 def _phases(r: Report) -> str:
     p = r.data["phases"]
     sources = [[name, ", ".join(map(str, steps)) or "none"] for name, steps in p["sources"].items()]
+    if p.get("ot_significant") is not None:
+        significant = [f"{x['step']} ({', '.join(x['curves'])})" for x in p["ot_significant"]]
+        sources.append(["ot above its baseline (curves)", ", ".join(significant) or "none"])
     sources += [[name, f"absent: {why}"] for name, why in p["absent_because"].items()]
     pairs = [[f"{x['a']} vs {x['b']}", x["agreement"], f"{x['a_matched']}/{x['n_a']}",
               f"{x['b_matched']}/{x['n_b']}"] for x in p["pairs"]]  # fmt: skip

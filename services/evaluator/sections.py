@@ -260,19 +260,23 @@ def phases(
     }
     section = agreement.phase_agreement(checkpoints, sources, spec.evaluate.phase_tolerance)
     section["absent_because"] = {name: why[name] for name in section["absent"]}
+    significant = None if ot_phases is None else agreement.significant_ot_change_points(ot_phases)
+    section["ot_significant"] = significant
     if sources["accuracy"] is not None:
         section["crossing"] = agreement.crossing(
             checkpoints,
             accuracy,
             {
                 "ot_significant": None
-                if ot_phases is None
-                else agreement.significant_ot_change_points(ot_phases),
+                if significant is None
+                else [point["step"] for point in significant],
                 "hmm": sources["hmm"],
             },
         )
     report.data["phases"] = section
-    report.figures["phases"] = phases_png(_phase_series(report, checkpoints, accuracy, ot_phases))
+    report.figures["phases"] = phases_png(
+        _phase_series(report, checkpoints, accuracy, ot_phases, significant or [])
+    )
 
 
 def _phase_series(
@@ -280,18 +284,23 @@ def _phase_series(
     checkpoints: list[int],
     accuracy: list[float | None] | None,
     ot_phases: dict[str, Any] | None,
+    significant: list[dict[str, Any]],
 ) -> PhaseSeries:
-    """Accuracy, the mean drift curve and this run's HMM path, as the phase figure wants."""
+    """Accuracy, the mean drift curve and this run's HMM path, as the phase figure wants.
+
+    The OT lines are the mean curve's change points and every curve's significant ones;
+    a line is solid when some curve's change there exceeds that curve's baseline.
+    """
     mean = (ot_phases or {}).get("curves", {}).get("mean", {})
     path = report.data.get("hmm", {}).get("runs", {}).get(report.run_id, {})
+    solid = {point["step"] for point in significant}
+    dotted = {int(c["step"]) for c in mean.get("change_points", [])} - solid
     return PhaseSeries(
         checkpoints=checkpoints,
         accuracy=accuracy,
         drift=mean.get("values"),
         baseline=mean.get("baseline"),
-        ot_points=[
-            (int(c["step"]), bool(c.get("exceeds_baseline"))) for c in mean.get("change_points", [])
-        ],
+        ot_points=sorted([(step, True) for step in solid] + [(step, False) for step in dotted]),
         hmm_steps=path.get("steps", []),
         hmm_states=path.get("states", []),
         crossing=report.data["phases"].get("crossing", {}).get("step"),
