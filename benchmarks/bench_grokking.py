@@ -39,7 +39,7 @@ from typing import Any
 
 from services.evaluator.agreement import crossing_step, nearest_boundary
 from shared import layout
-from shared.cli import main as driftlab
+from cli.main import main as driftlab
 from shared.errors import DriftlabError
 from shared.registry import create_run
 from shared.spec import apply_overrides, load_spec, parse_overrides

@@ -8,6 +8,10 @@ showing a traceback from deep inside a library.
 
 from __future__ import annotations
 
+import argparse
+import sys
+from collections.abc import Callable
+
 
 class DriftlabError(Exception):
     """Base class: `str(err)` is the one line shown to the user."""
@@ -41,3 +45,22 @@ class InputMissing(DriftlabError):
     """A stage was started before the stage it reads from finished."""
 
     exit_code = 2
+
+
+def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command's handler the way every driftlab entry point does.
+
+    A `DriftlabError` ends as one line on stderr and its exit code, Ctrl-C as 130, a closed
+    pipe (`driftlab runs | head`) as success: users never see a traceback for a mistake
+    of theirs.
+    """
+    try:
+        return handler(args)
+    except DriftlabError as err:
+        print(f"driftlab: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("driftlab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -382,7 +382,7 @@ def add_runs_parser(commands: Any) -> None:
         help="list, filter and sort runs; annotate a run",
         description="One row per run, from each run's spec.yaml and status objects.",
     )
-    _add_store_argument(runs)
+    add_store_argument(runs)
     runs.add_argument(
         "--filter",
         action="append",
@@ -403,16 +403,16 @@ def add_runs_parser(commands: Any) -> None:
     create = sub.add_parser("create", help="register a run from a spec; prints its run id")
     create.add_argument("spec", metavar="SPEC", help="run spec YAML file")
     create.add_argument("--run", metavar="RUN_ID", help="use this run id instead of a new one")
-    _add_store_argument(create)
+    add_store_argument(create)
     create.set_defaults(handler=_cmd_create)
     ann = sub.add_parser("annotate", help="add custom metrics to a run, shown as columns")
     ann.add_argument("run_id", metavar="RUN_ID")
     ann.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
-    _add_store_argument(ann)
+    add_store_argument(ann)
     ann.set_defaults(handler=_cmd_annotate)
 
 
-def _add_store_argument(parser: argparse.ArgumentParser) -> None:
+def add_store_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         default=os.environ.get("DRIFTLAB_STORE", DEFAULT_STORE_URL),

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from shared import dashboards
-from shared.cli import main
+from cli.main import main
 from shared.dashboard_push import TOKEN_ENV, upload_body
 
 TOKEN = "glsa_secret-token-for-tests"

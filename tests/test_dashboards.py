@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared import dashboards
-from shared.cli import main
+from cli.main import main
 from shared.metrics import BY_NAME, METRICS
 from shared.spec import RunSpec
 from workflows.pipeline import build_workflow, compiled

@@ -312,6 +312,7 @@ def _run_in_image(service: str, module: str, *argv: str) -> subprocess.Completed
     every_extra = [d for e in (*STAGE_EXTRAS, "workflows") for d in _EXTRAS[e]]
     blocked = _modules_of(_closure(every_extra)) - installed
     assert {"ot", "sklearn", "hmmlearn", "hera"} - installed <= blocked
+    blocked |= {"workflows", "cli"}  # the layers above shared/ are in no image
     copied = _imported_services(service)
     return subprocess.run(
         [
@@ -341,12 +342,12 @@ def test_each_stage_starts_with_only_its_image_s_libraries_and_code(service: str
 
 
 @pytest.mark.parametrize("command", ["checkpoints", "finish"])
-def test_the_workflow_s_cli_steps_start_in_the_trainer_image(command: str) -> None:
-    """list-checkpoints and the exit handler run `python -m shared.cli` in the trainer
-    image, which holds none of the other services' code."""
-    result = _run_in_image("trainer", "shared.cli", command, "--help")
+def test_the_workflow_s_bookkeeping_tasks_start_in_the_trainer_image(command: str) -> None:
+    """list-checkpoints and the exit handler run `python -m shared.bookkeeping` in the
+    trainer image, which holds none of the other services' code, workflows/ or the CLI."""
+    result = _run_in_image("trainer", "shared.bookkeeping", command, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"usage: driftlab {command}" in result.stdout
+    assert f"usage: python -m shared.bookkeeping {command}" in result.stdout
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -354,7 +355,7 @@ def test_every_library_a_stage_imports_is_in_its_image(service: str) -> None:
     """Every import in the stage's code, lazy ones inside functions included (the module
     walk above only runs the top-level ones), names a library the image installs."""
     allowed = _modules_of(_closure([*_PROJECT["dependencies"], *_EXTRAS.get(service, [])]))
-    allowed |= set(sys.stdlib_module_names) | {"services", "shared", "workflows", "torch"}
+    allowed |= set(sys.stdlib_module_names) | {"services", "shared", "torch"}
     missing: set[str] = set()
     for path in (ROOT / "services" / service).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -376,7 +377,7 @@ def test_dockerignore_keeps_the_context_to_what_images_copy() -> None:
     ]
     assert lines[0] == "**"
     kept = {ln[1:] for ln in lines if ln.startswith("!")}
-    assert kept == {"deploy/docker/requirements*.txt", "shared/**", "workflows/**", "services/**"}
+    assert kept == {"deploy/docker/requirements*.txt", "shared/**", "services/**"}
     copied = {
         source.rstrip("/")
         for path in [BASE, *(ROOT / "services" / s / "Dockerfile" for s in SERVICES)]

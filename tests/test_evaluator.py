@@ -19,7 +19,7 @@ from services.evaluator.__main__ import EVALUATE
 from services.evaluator.report import SECTION_IDS
 from shared import layout
 from shared.auroc import auroc, bootstrap_ci
-from shared.cli import main as cli_main
+from cli.main import main as cli_main
 from shared.spec import EvaluateSpec
 from shared.stage import stage_main
 from shared.store import open_store

@@ -31,7 +31,7 @@ from services.evaluator.hmm_importance import (
 )
 from services.evaluator.hmm_models import fit_best, model_from_tensors, model_tensors, n_parameters
 from shared import layout
-from shared.cli import main
+from cli.main import main
 from shared.errors import InputMissing
 from shared.spec import HMMSpec, RunSpec, apply_overrides, spec_to_yaml
 from shared.store import LocalStore

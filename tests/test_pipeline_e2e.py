@@ -38,7 +38,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _driftlab(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -149,7 +149,7 @@ def test_a_run_killed_during_extraction_resumes_with_finished_stages_cached(tmp_
         [
             sys.executable,
             "-m",
-            "shared.cli",
+            "cli",
             "run",
             str(tiny),
             "--store",

@@ -32,7 +32,7 @@ def _add_run(store, run_id, overrides=None, statuses=()):
 
 def _cli(*args, timeout=60):
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "runs", *args],
+        [sys.executable, "-m", "cli", "runs", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -127,7 +127,7 @@ def test_cli_formats_and_errors(store):
 def test_annotate_adds_columns(store):
     rid = "other-20261103-120000-cccccc"
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "runs", "annotate", rid, "eval_ppl=12.5",
+        [sys.executable, "-m", "cli", "runs", "annotate", rid, "eval_ppl=12.5",
          "note=baseline", "--store", store.url],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )  # fmt: skip

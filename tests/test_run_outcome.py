@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from shared import cli, layout
+from cli import main as cli
+from shared import layout
 from shared.registry import create_run
 from shared.spec import apply_overrides, load_spec
 from shared.store import open_store

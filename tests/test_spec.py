@@ -36,7 +36,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "spec", *args],
+        [sys.executable, "-m", "cli", "spec", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

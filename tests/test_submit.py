@@ -18,7 +18,8 @@ import jsonschema
 import pytest
 import yaml
 
-from shared import cli, layout
+from cli import main as cli
+from shared import layout
 from shared.store import open_store
 from tests.test_pipeline import ARGO, ROOT
 

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from shared import cli, layout, sweep
+from cli import main as cli
+from shared import layout, sweep
 from shared.errors import LayoutError, SpecError
 from shared.registry import RegistryError, create_run, load_rows
 from shared.spec import RunSpec, apply_overrides, load_spec, parse_spec, spec_to_yaml
@@ -39,7 +40,7 @@ def base() -> RunSpec:
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

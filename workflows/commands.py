@@ -10,8 +10,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from shared.errors import run_command
 from shared.quality import QualityCheck, problems, run_checks, summary
-from shared.registry import _add_store_argument
+from shared.registry import add_store_argument
 
 if TYPE_CHECKING:
     from hera.workflows import Workflow
@@ -31,7 +32,7 @@ def add_workflow_parsers(commands: Any) -> None:
         "the report's address.",
     )
     run.add_argument("spec", metavar="SPEC.yaml", help="run spec")
-    _add_store_argument(run)
+    add_store_argument(run)
     run.add_argument(
         "--workers",
         type=int,
@@ -88,6 +89,14 @@ def add_workflow_parsers(commands: Any) -> None:
         "--dry-run", action="store_true", help="print the workflow YAML; contact nothing"
     )
     submit.set_defaults(handler=_cmd_submit)
+
+
+def script_main() -> int:
+    """`python workflows/<module>.py [submit options]`: the same as `driftlab submit` on it."""
+    parser = argparse.ArgumentParser(prog=f"python {sys.argv[0]}")
+    add_workflow_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["submit", sys.argv[0], *sys.argv[1:]])
+    return run_command(args.handler, args)
 
 
 def local_profile(choice: LocalProfile) -> Profile:

@@ -6,11 +6,12 @@ hera generate yaml workflows/gpt2_medium.py                                  # r
 
 import sys
 
+from workflows.commands import script_main
 from workflows.pipeline import Images
-from workflows.submission import cluster_store, pipeline_builder, script_main
+from workflows.submission import cluster_store, pipeline_builder
 
 build = pipeline_builder("gpt2-medium.yaml")
 workflow = build("gpu", store=cluster_store(), images=Images.from_environment()).workflow
 
 if __name__ == "__main__":
-    sys.exit(script_main(build)())
+    sys.exit(script_main())

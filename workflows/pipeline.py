@@ -59,9 +59,10 @@ from hera.workflows.models import (
     TTLStrategy,
 )
 
-from shared import layout
+from shared import layout, stage_registry
 from shared.errors import DriftlabError
-from shared.spec import ResourcesSpec, RunSpec, model_sizes
+from shared.spec import ResourcesSpec, RunSpec, sae_layers
+from shared.stage_registry import Stage
 
 Profile = Literal["gpu", "cpu"]
 PROFILES: tuple[str, ...] = get_args(Profile)
@@ -77,10 +78,11 @@ CPU_PROFILE_MAX_CPU = "1"
 CPU_PROFILE_MAX_MEMORY = "2Gi"
 RETRY_LIMIT = 2
 ENTRYPOINT = "pipeline"
-EXIT_HANDLER = "finish"
+EXIT_HANDLER = stage_registry.FINISH.task
 # USER of deploy/docker/base.Dockerfile: numeric, so the kubelet can check runAsNonRoot.
 IMAGE_UID = 10001
 TMP_VOLUME = "tmp"
+_HOUR = 3600
 
 
 class WorkflowError(DriftlabError):
@@ -135,77 +137,8 @@ class Cluster:
         )
 
 
-@dataclass(frozen=True)
-class _Stage:
-    """One container template: the command line of a stage and how its pods are placed."""
-
-    name: str  # template and task name, as the Argo UI shows it
-    service: str  # image driftlab-<service>
-    command: tuple[str, ...]
-    resources: str | None  # section of spec.resources; None: a few seconds of bookkeeping
-    gpu: bool  # on GPU nodes in the gpu profile
-    deadline_s: int
-    shard: str | None = None  # input parameter and CLI option of a fan-out stage
-
-
-_HOUR = 3600
-# The checkpoint listing and the exit handler only read and write a few small objects,
-# so they run in the trainer's image (it has the driftlab package, like every image).
-_STAGES: tuple[_Stage, ...] = (
-    _Stage("train", "trainer", ("python", "-m", "services.trainer"), "train", True, 48 * _HOUR),
-    _Stage(
-        "list-checkpoints",
-        "trainer",
-        ("python", "-m", "shared.cli", "checkpoints"),
-        None,
-        False,
-        600,
-    ),
-    _Stage(
-        "extract",
-        "extractor",
-        ("python", "-m", "services.extractor"),
-        "extract",
-        True,
-        6 * _HOUR,
-        shard="step",
-    ),
-    _Stage("ot", "ot", ("python", "-m", "services.ot"), "ot", False, 12 * _HOUR),
-    _Stage(
-        "sae-train",
-        "sae",
-        ("python", "-m", "services.sae", "train"),
-        "sae",
-        True,
-        24 * _HOUR,
-        shard="layer",
-    ),
-    _Stage(
-        "detect", "sae", ("python", "-m", "services.sae", "detect"), "detect", False, 12 * _HOUR
-    ),
-    _Stage(
-        "evaluate",
-        "evaluator",
-        ("python", "-m", "services.evaluator"),
-        "evaluate",
-        False,
-        6 * _HOUR,
-    ),
-)
-_FINISH = _Stage(
-    EXIT_HANDLER, "trainer", ("python", "-m", "shared.cli", "finish"), None, False, 600
-)
-GPU_STAGES = tuple(s.name for s in _STAGES if s.gpu)
-STAGE_TASKS = tuple(s.name for s in _STAGES)
-
-
-def sae_layers(spec: RunSpec) -> list[int]:
-    """Hidden-state layers 0..n_layer (0 = embeddings) selected by `sae.layers`.
-
-    The spec has already checked that a listed layer exists in the model.
-    """
-    chosen = spec.sae.layers
-    return list(range(model_sizes(spec).n_layer + 1)) if chosen == "all" else list(chosen)
+GPU_STAGES = tuple(s.task for s in stage_registry.PIPELINE if s.gpu)
+STAGE_TASKS = tuple(s.task for s in stage_registry.PIPELINE)
 
 
 def build_workflow(
@@ -327,28 +260,28 @@ def _container_templates(
 ) -> dict[str, Container]:
     if profile not in PROFILES:
         raise WorkflowError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}")
-    return {s.name: _container(s, spec, profile, images, cluster) for s in _STAGES}
+    return {s.task: _container(s, spec, profile, images, cluster) for s in stage_registry.PIPELINE}
 
 
 def _container(
-    stage: _Stage, spec: RunSpec, profile: Profile, images: Images, cluster: Cluster
+    stage: Stage, spec: RunSpec, profile: Profile, images: Images, cluster: Cluster
 ) -> Container:
     on_gpu = profile == "gpu" and stage.gpu
     args = ["--run", "{{inputs.parameters.run}}", "--store", "{{workflow.parameters.store}}"]
     inputs = [Parameter(name="run")]
-    if stage.name != "list-checkpoints":  # it only prints the steps: no device
+    if stage.device:
         args += ["--device", "cpu" if profile == "cpu" else "auto"]
     if stage.shard:
         args += [f"--{stage.shard}", f"{{{{inputs.parameters.{stage.shard}}}}}"]
         inputs.append(Parameter(name=stage.shard))
     volumes = [_tmp_volume()]
-    if stage.name == "train":
+    if stage is stage_registry.TRAIN:  # DataLoader workers share batches through /dev/shm
         volumes.insert(0, EmptyDirVolume(name="dshm", mount_path="/dev/shm", medium="Memory"))
     return Container(
-        name=stage.name,
+        name=stage.task,
         image=images.image(stage.service),
         image_pull_policy=images.pull_policy,
-        command=list(stage.command),
+        command=list(stage.entry),
         args=args,
         inputs=inputs,
         env=_env(cluster),
@@ -371,7 +304,7 @@ def _container(
                 duration="30s", factor=IntOrString(_int_or_string(2)), max_duration="10m"
             ),
         ),
-        metrics=_stage_metrics(stage.name),
+        metrics=_stage_metrics(stage.task),
     )
 
 
@@ -379,17 +312,18 @@ def _finish_template(runs: Sequence[str], images: Images, cluster: Cluster) -> C
     """The onExit handler: Argo calls it without arguments, so the runs are spelled out."""
     args = [arg for run in runs for arg in ("--run", run)]
     args += ["--store", "{{workflow.parameters.store}}", "--status", "{{workflow.status}}"]
+    finish = stage_registry.FINISH
     return Container(
-        name=EXIT_HANDLER,
-        image=images.image(_FINISH.service),
+        name=finish.task,
+        image=images.image(finish.service),
         image_pull_policy=images.pull_policy,
-        command=list(_FINISH.command),
+        command=list(finish.entry),
         args=args,
         env=_env(cluster),
-        resources=_resources(_FINISH, RunSpec(), "cpu"),
+        resources=_resources(finish, RunSpec(), "cpu"),
         volumes=[_tmp_volume()],
         security_context=_container_security(),
-        active_deadline_seconds=_int_or_string(_FINISH.deadline_s),
+        active_deadline_seconds=_int_or_string(finish.deadline_s),
         retry_strategy=RetryStrategy(limit=_int_or_string(RETRY_LIMIT), retry_policy="OnError"),
     )
 
@@ -413,7 +347,7 @@ def _env(cluster: Cluster) -> list[Env | SecretEnv]:
     return env
 
 
-def _resources(stage: _Stage, spec: RunSpec, profile: Profile) -> Resources:
+def _resources(stage: Stage, spec: RunSpec, profile: Profile) -> Resources:
     if stage.resources is None:
         return Resources(cpu_request="100m", memory_request="256Mi", memory_limit="1Gi")
     wanted = spec.resources.for_stage(stage.resources)
@@ -483,41 +417,34 @@ def _shape(spec: RunSpec) -> _Shape:
 
 
 def _pipeline_dag(name: str, templates: Mapping[str, Container], shape: _Shape) -> DAG:
-    """The stage DAG of one run; its input `run` is passed to every task."""
+    """The stage DAG of one run, as the stage registry lays it out; its input `run` is
+    passed to every task. A stage the spec switches off (detect) is left out and its
+    dependents wait for its own dependencies instead."""
     run = {"run": "{{inputs.parameters.run}}"}
+    enabled = [s for s in stage_registry.PIPELINE if s is not stage_registry.DETECT or shape.detect]
+    present = {s.task for s in enabled}
+    upstream = {s.task: s.after for s in stage_registry.PIPELINE}
+
+    def waits_for(task: str) -> list[str]:
+        return [t for dep in upstream[task] for t in ([dep] if dep in present else waits_for(dep))]
+
     with DAG(name=name, inputs=[Parameter(name="run")]) as dag:
-        train = Task(name="train", template=templates["train"], arguments=run)
-        listing = Task(
-            name="list-checkpoints", template=templates["list-checkpoints"], arguments=run
-        )
-        extract = Task(
-            name="extract",
-            template=templates["extract"],
-            arguments={**run, "step": "{{item}}"},
-            with_param="{{tasks.list-checkpoints.outputs.result}}",
-        )
-        ot = Task(name="ot", template=templates["ot"], arguments=run)
-        sae = Task(
-            name="sae-train",
-            template=templates["sae-train"],
-            arguments={**run, "layer": "{{item}}"},
-            with_items=list(shape.sae_layers),
-        )
-        detect = (
-            Task(name="detect", template=templates["detect"], arguments=run)
-            if shape.detect
-            else None
-        )
-        evaluate = Task(name="evaluate", template=templates["evaluate"], arguments=run)
-        train >> listing
-        listing >> extract
-        extract >> [ot, sae]
-        ot >> evaluate
-        if detect is None:
-            sae >> evaluate
-        else:
-            sae >> detect
-            detect >> evaluate
+        tasks: dict[str, Task] = {}
+        for stage in enabled:
+            arguments = dict(run)
+            fan_out: dict[str, Any] = {}
+            if stage.shard is not None:
+                arguments[stage.shard] = "{{item}}"
+                if stage.items == "checkpoints":
+                    result = f"{{{{tasks.{stage_registry.CHECKPOINTS.task}.outputs.result}}}}"
+                    fan_out["with_param"] = result
+                else:
+                    fan_out["with_items"] = list(shape.sae_layers)
+            tasks[stage.task] = task = Task(
+                name=stage.task, template=templates[stage.task], arguments=arguments, **fan_out
+            )
+            for dep in waits_for(stage.task):
+                tasks[dep] >> task
     return dag
 
 

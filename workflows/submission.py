@@ -8,7 +8,6 @@ the store (registering the runs) before Argo starts a pod that reads them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -102,16 +101,3 @@ def sweep_builder(
         return Submission(workflow, specs)
 
     return build
-
-
-def script_main(build: Builder) -> Callable[[], int]:
-    """`python workflows/<module>.py [submit options]`: the same as `driftlab submit` on it."""
-
-    def main() -> int:
-        import sys
-
-        from shared.cli import main as driftlab
-
-        return driftlab(["submit", sys.argv[0], *sys.argv[1:]])
-
-    return main

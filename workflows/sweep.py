@@ -9,11 +9,12 @@ DEFAULT_SWEEP_PARALLELISM runs at a time; copy this module for another base or s
 
 import sys
 
+from workflows.commands import script_main
 from workflows.pipeline import Images
-from workflows.submission import cluster_store, script_main, sweep_builder
+from workflows.submission import cluster_store, sweep_builder
 
 build = sweep_builder("tiny-cpu.yaml", "lr-seeds.yaml")
 workflow = build("gpu", store=cluster_store(), images=Images.from_environment()).workflow
 
 if __name__ == "__main__":
-    sys.exit(script_main(build)())
+    sys.exit(script_main())

@@ -33,12 +33,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/app
 COPY deploy/docker/requirements.txt /tmp/requirements.txt
 RUN pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt
-# The stage contract, store, telemetry and CLI every stage imports; workflows/ because
-# `python -m shared.cli` (the checkpoint listing and the exit handler) builds its parser
-# from it.
+# The stage contract, store, telemetry and bookkeeping tasks every stage imports: shared/
+# imports nothing above it, so no image needs workflows/ or the CLI.
 WORKDIR /app
 COPY shared/ /app/shared/
-COPY workflows/ /app/workflows/
 COPY services/__init__.py /app/services/__init__.py
 # A fixed numeric uid, so the kubelet can check runAsNonRoot without reading /etc/passwd.
 RUN groupadd --gid 10001 driftlab \

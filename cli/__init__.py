@@ -1,0 +1,1 @@
+"""The `driftlab` command line (`cli.main`); `python -m cli` is the same as `driftlab`."""
