@@ -37,9 +37,9 @@ import tempfile
 import time
 from typing import Any
 
+from cli.main import main as driftlab
 from services.evaluator.agreement import crossing_step, nearest_boundary
 from shared import layout
-from cli.main import main as driftlab
 from shared.errors import DriftlabError
 from shared.registry import create_run
 from shared.spec import apply_overrides, load_spec, parse_overrides

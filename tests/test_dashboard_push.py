@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from shared import dashboards
 from cli.main import main
+from shared import dashboards
 from shared.dashboard_push import TOKEN_ENV, upload_body
 
 TOKEN = "glsa_secret-token-for-tests"

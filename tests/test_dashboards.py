@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shared import dashboards
 from cli.main import main
+from shared import dashboards
 from shared.metrics import BY_NAME, METRICS
 from shared.spec import RunSpec
 from workflows.pipeline import build_workflow, compiled

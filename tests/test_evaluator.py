@@ -14,12 +14,12 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from cli.main import main as cli_main
 from services.evaluator import agreement, detection
 from services.evaluator.__main__ import EVALUATE
 from services.evaluator.report import SECTION_IDS
 from shared import layout
 from shared.auroc import auroc, bootstrap_ci
-from cli.main import main as cli_main
 from shared.spec import EvaluateSpec
 from shared.stage import stage_main
 from shared.store import open_store

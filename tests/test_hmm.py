@@ -11,6 +11,7 @@ import pytest
 from hmmlearn.hmm import GaussianHMM
 from scipy import stats
 
+from cli.main import main
 from services.evaluator.hmm import (
     ANALYSIS_NAME,
     CURVES_NAME,
@@ -31,7 +32,6 @@ from services.evaluator.hmm_importance import (
 )
 from services.evaluator.hmm_models import fit_best, model_from_tensors, model_tensors, n_parameters
 from shared import layout
-from cli.main import main
 from shared.errors import InputMissing
 from shared.spec import HMMSpec, RunSpec, apply_overrides, spec_to_yaml
 from shared.store import LocalStore
