@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from shared import layout
+from shared import layout, stage_registry
 from shared.errors import ArtifactNotFound, DriftlabError, InputMissing
 from shared.store import Store
 
@@ -113,8 +113,7 @@ class ExtractIndex:
 
 
 def _extract_command(run_id: str, store: Store, step: int | None = None) -> str:
-    where = f" --step {step}" if step is not None else ""
-    return f"python -m services.extractor --run {run_id} --store {store.url}{where}"
+    return stage_registry.EXTRACT.command(run_id, store.url, step)
 
 
 def load_probe(store: Store, run_id: str) -> Probe:

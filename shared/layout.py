@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from shared.errors import LayoutError
 
 RUNS_PREFIX = "runs/"
-STAGES = ("train", "extract", "ot", "sae", "detect", "evaluate")
 
 _RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NAME_CLEAN_RE = re.compile(r"[^a-z0-9-]+")

@@ -45,7 +45,6 @@ BASE_COLUMNS = (
     "train.steps",
 )
 DEFAULT_PATTERNS = ("run.tags.*", "custom.*", "annotations.*", "*.headline.*")
-STAGE_ORDER = layout.STAGES
 _FILTER_RE = re.compile(r"^(?P<key>[^=!<>]+?)\s*(?P<op>!=|>=|<=|=|>|<)\s*(?P<value>.*)$")
 _STAMP_RE = re.compile(r"-(\d{8}-\d{6})-[0-9a-f]{6}$")
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

@@ -70,6 +70,11 @@ class Stage:
     device: bool = True
 
     @property
+    def program(self) -> str:
+        """`python -m <module>`: the name its usage and error lines start with."""
+        return f"python -m {self.module}"
+
+    @property
     def entry(self) -> tuple[str, ...]:
         """The command that starts it, without arguments."""
         sub = (self.subcommand,) if self.subcommand else ()

@@ -7,7 +7,7 @@ fraction of a second instead of paying for importing PyTorch.
 
 from __future__ import annotations
 
-from shared import layout
+from shared import layout, stage_registry
 from shared.errors import ArtifactNotFound, InputMissing
 from shared.spec import RunSpec
 from shared.store import Store
@@ -56,7 +56,7 @@ def selected_steps(store: Store, run_id: str, spec: RunSpec, store_arg: str) -> 
     if not steps:
         raise InputMissing(
             f"run {run_id} has no finished checkpoint in {where}; run "
-            f"`python -m services.trainer --run {run_id} --store {store_arg}` first"
+            f"`{stage_registry.TRAIN.command(run_id, store_arg)}` first"
         )
     return steps
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from shared import layout
+from shared import stage_registry
 from shared.errors import SpecError
 from shared.spec import (
     MODEL_PRESETS,
@@ -72,7 +72,7 @@ def test_tiny_cpu_is_tiny():
     sizes = model_sizes(spec)
     assert (sizes.n_layer, sizes.n_embd) == (1, 128)  # one block: the demo learns in seconds
     assert spec.train.steps is not None and spec.train.steps <= 1000
-    assert all(spec.resources.for_stage(s).gpus == 0 for s in layout.STAGES)
+    assert all(spec.resources.for_stage(s).gpus == 0 for s in stage_registry.STATUS_NAMES)
 
 
 def test_defaults_are_valid_and_round_trip():
@@ -331,7 +331,7 @@ def test_resume_point():
 
 
 def test_resources_cover_every_stage_and_take_k8s_quantities():
-    assert set(ResourcesSpec.model_fields) == set(layout.STAGES)
+    assert set(ResourcesSpec.model_fields) == set(stage_registry.STATUS_NAMES)
     spec = parse_spec("resources:\n  train: {cpu: 2, memory: 4Gi, gpus: 1}\n  ot: {cpu: 0.5}\n")
     assert spec.resources.for_stage("train").cpu == "2"
     assert spec.resources.for_stage("train").gpus == 1

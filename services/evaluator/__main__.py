@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shared import layout
+from shared import layout, stage_registry
 from shared.spec import RunSpec, model_sizes
 from shared.stage import Input, StageDef, stage_main
 from shared.store import Store
@@ -19,20 +19,20 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
     their DONE markers then enter the digests of this stage's own marker.
     """
     run = args.run
-    where = f"--run {run} --store {args.store}"
-    required = [Input(layout.train_done_key(run), f"python -m services.trainer {where}")]
+    stages = stage_registry
+    required = [Input(layout.train_done_key(run), stages.TRAIN.command(run, args.store))]
     optional = [
-        Input(layout.ot_done_key(run), f"python -m services.ot {where}"),
-        Input(layout.detect_done_key(run), f"python -m services.sae detect {where}"),
+        Input(layout.ot_done_key(run), stages.OT.command(run, args.store)),
+        Input(layout.detect_done_key(run), stages.DETECT.command(run, args.store)),
     ] + [
-        Input(layout.sae_done_key(run, layer), f"python -m services.sae train {where}")
+        Input(layout.sae_done_key(run, layer), stages.SAE.command(run, args.store))
         for layer in range(model_sizes(spec).n_layer + 1)
     ]
     return required + [item for item in optional if store.exists(item.done_key)]
 
 
 EVALUATE = StageDef(
-    name="evaluate",
+    name=stage_registry.EVALUATE.status,
     help="Score the detector, model training phases, and write the run's report.",
     run="services.evaluator.stage:evaluate",
     done_key=lambda args, spec: layout.evaluate_done_key(args.run),
@@ -41,4 +41,4 @@ EVALUATE = StageDef(
 )
 
 if __name__ == "__main__":
-    sys.exit(stage_main(EVALUATE, prog="python -m services.evaluator"))
+    sys.exit(stage_main(EVALUATE, prog=stage_registry.EVALUATE.program))

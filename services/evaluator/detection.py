@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from shared import layout
+from shared import layout, stage_registry
 from shared.auroc import CI_LEVEL, auroc, bootstrap_ci
 from shared.errors import ArtifactNotFound, DriftlabError
 from shared.spec import EvaluateSpec
@@ -65,7 +65,7 @@ def load_rows(store: Store, run_id: str) -> list[dict[str, Any]]:
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise DetectionDataError(
                 f"{store.url_of(key)} line {number} is not a score row ({err}): rerun "
-                f"`python -m services.sae detect --run {run_id} --store {store.url} --force`"
+                f"`{stage_registry.DETECT.command(run_id, store.url)} --force`"
             ) from None
         rows.append({**row, "scores": scores})
     return rows

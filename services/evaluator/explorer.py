@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from shared import hidden, layout
+from shared import hidden, layout, stage_registry
 from shared.errors import DriftlabError
 from shared.spec import RunSpec
 from shared.steps import extracted_steps
@@ -91,7 +91,8 @@ def explore(store: Store, run_id: str, spec: RunSpec, device: str) -> dict[str, 
     """Per checkpoint and layer: activation statistics and, with an SAE, its top features."""
     steps = extracted_steps(store, run_id)
     if not steps:
-        return {"absent": "no extraction: run the extractor (python -m services.extractor)"}
+        command = stage_registry.EXTRACT.command(run_id, store.url)
+        return {"absent": f"no extraction: run the extractor (`{command}`)"}
     probe = hidden.load_probe(store, run_id)
     n_layers = hidden.load_index(store, run_id, steps[-1]).n_layers
     saes, sae_note = _load_saes(store, run_id, n_layers, device)
@@ -120,7 +121,8 @@ def _load_saes(
 ) -> tuple[dict[int, Any], str | None]:
     done = [layer for layer in range(n_layers) if store.exists(layout.sae_done_key(run_id, layer))]
     if not done:
-        return {}, "no SAE has been trained: run `python -m services.sae train` for features"
+        command = stage_registry.SAE.command(run_id, store.url)
+        return {}, f"no SAE has been trained: run `{command}` for features"
     from services.sae.artifacts import load_sae
 
     saes = {layer: load_sae(store, run_id, layer, device).eval() for layer in done}

@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from shared import layout
+from shared import layout, stage_registry
 from shared.errors import ArtifactNotFound, DriftlabError, InputMissing
 from shared.store import Store
 
@@ -74,7 +74,7 @@ def load_run_observations(store: Store, run_id: str, features: Sequence[str]) ->
     except ArtifactNotFound:
         raise InputMissing(
             f"hmm: run {run_id} has no training dynamics at {store.url_of(key)}; run "
-            f"`python -m services.trainer --run {run_id} --store {store.url}` first"
+            f"`{stage_registry.TRAIN.command(run_id, store.url)}` first"
         ) from None
     by_step: dict[int, list[float]] = {}
     for number, line in enumerate(text.splitlines(), start=1):

@@ -18,7 +18,7 @@ from services.evaluator.detection import evaluate_detection
 from services.evaluator.explorer import explore
 from services.evaluator.phase_figure import PhaseSeries, phases_png
 from services.evaluator.quality import STAGE, hmm_checks
-from shared import layout
+from shared import layout, stage_registry
 from shared.errors import ArtifactNotFound, DriftlabError
 from shared.quality import QualityCheck, run_checks, summary, worst_first
 from shared.spec import RunSpec, model_sizes
@@ -65,10 +65,6 @@ def _png(draw: Callable[[Any], None], size: tuple[float, float] = (6.0, 3.6)) ->
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
-
-
-def _command(stage: str, run_id: str, store: Store) -> str:
-    return f"python -m services.{stage} --run {run_id} --store {store.url}"
 
 
 def spec_summary(spec: RunSpec) -> dict[str, Any]:
@@ -125,7 +121,7 @@ def dynamics(report: Report, store: Store, run_id: str, spec: RunSpec) -> None:
     if not rows:
         report.absent["dynamics"] = (
             f"train/dynamics.jsonl is empty or missing (train.dynamics_every); rerun "
-            f"`{_command('trainer', run_id, store)} --force`"
+            f"`{stage_registry.TRAIN.command(run_id, store.url)} --force`"
         )
         return
     features = [f for f in spec.hmm.features if any(f in r for r in rows)]
@@ -148,7 +144,7 @@ def dynamics(report: Report, store: Store, run_id: str, spec: RunSpec) -> None:
 
 def drift(report: Report, store: Store, run_id: str) -> dict[str, Any] | None:
     if not store.exists(layout.ot_done_key(run_id)):
-        report.absent["drift"] = f"the OT stage has not run: `{_command('ot', run_id, store)}`"
+        report.absent["drift"] = f"the OT stage has not run: `{stage_registry.OT.command(run_id, store.url)}`"
         return None
     phases = store.get_json(layout.ot_phases_key(run_id))
     mean = phases.get("curves", {}).get("mean", {})
@@ -182,8 +178,7 @@ def sae(report: Report, store: Store, run_id: str, n_layer: int) -> None:
             }
     if not layers:
         report.absent["sae"] = (
-            f"no SAE has been trained: `python -m services.sae train --run {run_id} "
-            f"--store {store.url}`"
+            f"no SAE has been trained: `{stage_registry.SAE.command(run_id, store.url)}`"
         )
         return
     report.data["sae"] = {"layers": layers}
@@ -191,7 +186,7 @@ def sae(report: Report, store: Store, run_id: str, n_layer: int) -> None:
 
 def detection(report: Report, store: Store, run_id: str, spec: RunSpec) -> None:
     if not store.exists(layout.detect_done_key(run_id)):
-        command = f"`python -m services.sae detect --run {run_id} --store {store.url}`"
+        command = f"`{stage_registry.DETECT.command(run_id, store.url)}`"
         report.absent["detection"] = (
             f"detection is off in this run's spec (detect.enabled: false); {command} runs it"
             if not spec.detect.enabled

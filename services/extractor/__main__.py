@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shared import layout
+from shared import layout, stage_registry
 from shared.spec import RunSpec
 from shared.stage import Input, StageDef, stage_main
 from shared.steps import selected_steps
@@ -31,7 +31,7 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
     return [
         Input(
             layout.checkpoint_done_key(args.run, args.step),
-            f"python -m services.trainer --run {args.run} --store {args.store}",
+            stage_registry.TRAIN.command(args.run, args.store),
         )
     ]
 
@@ -44,7 +44,7 @@ def _fan_out(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[
 
 
 EXTRACT = StageDef(
-    name="extract",
+    name=stage_registry.EXTRACT.status,
     help="Store every layer's hidden states for a fixed probe set at each checkpoint.",
     run="services.extractor.extract:extract_step",
     done_key=lambda args, spec: layout.extract_done_key(args.run, args.step),
@@ -56,4 +56,4 @@ EXTRACT = StageDef(
 )
 
 if __name__ == "__main__":
-    sys.exit(stage_main(EXTRACT, prog="python -m services.extractor"))
+    sys.exit(stage_main(EXTRACT, prog=stage_registry.EXTRACT.program))

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shared import layout
+from shared import layout, stage_registry
 from shared.spec import RunSpec
 from shared.stage import Input, StageDef, stage_main
 from shared.steps import selected_steps
@@ -23,14 +23,14 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
     return [
         Input(
             layout.extract_done_key(args.run, step),
-            f"python -m services.extractor --run {args.run} --store {args.store} --step {step}",
+            stage_registry.EXTRACT.command(args.run, args.store, step),
         )
         for step in selected_steps(store, args.run, spec, args.store)
     ]
 
 
 OT = StageDef(
-    name="ot",
+    name=stage_registry.OT.status,
     help="Optimal-transport drift between layers and checkpoints, change points and plots.",
     run="services.ot.stage:run_ot",
     done_key=lambda args, spec: layout.ot_done_key(args.run),
@@ -39,4 +39,4 @@ OT = StageDef(
 )
 
 if __name__ == "__main__":
-    sys.exit(stage_main(OT, prog="python -m services.ot"))
+    sys.exit(stage_main(OT, prog=stage_registry.OT.program))

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from services.sae.plan import detect_layers, final_checkpoint, training_step
-from shared import layout
+from shared import layout, stage_registry
 from shared.spec import RunSpec, sae_layers
 from shared.stage import Input, StageDef, stage_main
 from shared.store import Store
@@ -37,11 +37,11 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
     return [
         Input(
             layout.extract_done_key(args.run, step),
-            f"python -m services.extractor --run {args.run} --store {args.store} --step {step}",
+            stage_registry.EXTRACT.command(args.run, args.store, step),
         ),
         Input(
             layout.checkpoint_done_key(args.run, step),
-            f"python -m services.trainer --run {args.run} --store {args.store}",
+            stage_registry.TRAIN.command(args.run, args.store),
         ),
     ]
 
@@ -51,8 +51,8 @@ def _fan_out(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[
 
 
 TRAIN = StageDef(
-    name="sae",
-    subcommand="train",
+    name=stage_registry.SAE.status,
+    subcommand=stage_registry.SAE.subcommand,
     help="Train a sparse autoencoder per layer on the extracted hidden states.",
     run="services.sae.train:train_layer",
     done_key=lambda args, spec: layout.sae_done_key(args.run, args.layer),
@@ -70,13 +70,12 @@ def _detect_inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Seq
     return [
         Input(
             layout.checkpoint_done_key(args.run, step),
-            f"python -m services.trainer --run {args.run} --store {args.store}",
+            stage_registry.TRAIN.command(args.run, args.store),
         ),
         *(
             Input(
                 layout.sae_done_key(args.run, layer),
-                f"python -m services.sae train --run {args.run} --store {args.store} "
-                f"--layer {layer}",
+                stage_registry.SAE.command(args.run, args.store, layer),
             )
             for layer in detect_layers(spec)
         ),
@@ -84,8 +83,8 @@ def _detect_inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Seq
 
 
 DETECT = StageDef(
-    name="detect",
-    subcommand="detect",
+    name=stage_registry.DETECT.status,
+    subcommand=stage_registry.DETECT.subcommand,
     help="Answer held-out questions, track SAE feature hypotheses and score hallucinations.",
     run="services.sae.detect:run_detect",
     done_key=lambda args, spec: layout.detect_done_key(args.run),
@@ -94,4 +93,4 @@ DETECT = StageDef(
 )
 
 if __name__ == "__main__":
-    sys.exit(stage_main([TRAIN, DETECT], prog="python -m services.sae"))
+    sys.exit(stage_main([TRAIN, DETECT], prog=stage_registry.SAE.program))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from services.sae.models import SparseAutoencoder, from_tensors, metadata
-from shared import layout
+from shared import layout, stage_registry
 from shared.errors import ArtifactNotFound, InputMissing
 from shared.store import Store
 
@@ -28,8 +28,8 @@ def load_sae(
     """The trained SAE of one layer, in eval mode; a clear InputMissing when not trained."""
     if not store.exists(layout.sae_done_key(run_id, layer)):
         raise InputMissing(
-            f"run {run_id} has no finished SAE for layer {layer}: run `python -m services.sae "
-            f"train --run {run_id} --store {store.url} --layer {layer}` first"
+            f"run {run_id} has no finished SAE for layer {layer}: run "
+            f"`{stage_registry.SAE.command(run_id, store.url, layer)}` first"
         )
     try:
         tensors, meta = store.get_tensors(layout.sae_weights_key(run_id, layer))

@@ -6,6 +6,7 @@ inputs (and exits at once when cached) without importing PyTorch.
 
 from __future__ import annotations
 
+from shared import stage_registry
 from shared.errors import InputMissing
 from shared.spec import RunSpec, SAESpec, sae_layers
 from shared.steps import complete_steps, extracted_steps
@@ -20,7 +21,7 @@ def training_step(store: Store, run_id: str, spec: SAESpec) -> int:
     if not steps:
         raise InputMissing(
             f"run {run_id} has no finished extraction to train SAEs on: run "
-            f"`python -m services.extractor --run {run_id} --store {store.url}` first"
+            f"`{stage_registry.EXTRACT.command(run_id, store.url)}` first"
         )
     return steps[-1]
 
@@ -31,7 +32,7 @@ def final_checkpoint(store: Store, run_id: str, store_arg: str) -> int:
     if not steps:
         raise InputMissing(
             f"run {run_id} has no finished checkpoint to answer with: run "
-            f"`python -m services.trainer --run {run_id} --store {store_arg}` first"
+            f"`{stage_registry.TRAIN.command(run_id, store_arg)}` first"
         )
     return steps[-1]
 

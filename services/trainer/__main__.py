@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shared import layout
+from shared import layout, stage_registry
 from shared.spec import RunSpec
 from shared.stage import Input, StageDef, stage_main
 from shared.steps import complete_steps
@@ -30,13 +30,13 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
     return [
         Input(
             layout.checkpoint_done_key(run_id, step),
-            f"python -m services.trainer --run {run_id} --store {args.store}",
+            stage_registry.TRAIN.command(run_id, args.store),
         )
     ]
 
 
 TRAIN = StageDef(
-    name="train",
+    name=stage_registry.TRAIN.status,
     help="Train (or load) a GPT-2-style model and write checkpoints with training dynamics.",
     run="services.trainer.loop:train",
     done_key=lambda args, spec: layout.train_done_key(args.run),
@@ -45,4 +45,4 @@ TRAIN = StageDef(
 )
 
 if __name__ == "__main__":
-    sys.exit(stage_main(TRAIN, prog="python -m services.trainer"))
+    sys.exit(stage_main(TRAIN, prog=stage_registry.TRAIN.program))
