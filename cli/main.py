@@ -11,8 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from cli.sweep import add_sweep_parser
-from shared import bookkeeping
-from shared.dashboards import add_dashboards_parser
+from shared import bookkeeping, dashboard_push, dashboards
 from shared.errors import run_command
 from shared.registry import add_runs_parser, add_store_argument
 from workflows.commands import add_workflow_parsers
@@ -84,6 +83,16 @@ def _add_evaluator_parsers(commands: argparse._SubParsersAction) -> None:
     hmm.set_defaults(handler=hmm_handler)
 
 
+def _add_dashboards_parser(commands: argparse._SubParsersAction) -> None:
+    """`driftlab dashboards render` and `driftlab dashboards push`."""
+    group = commands.add_parser(
+        "dashboards", help="Grafana dashboards from the metric declarations"
+    )
+    sub = group.add_subparsers(dest="dashboards_command", metavar="SUBCOMMAND", required=True)
+    dashboards.add_render_parser(sub)
+    dashboard_push.add_push_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="driftlab",
@@ -103,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_runs_parser(commands)
     add_sweep_parser(commands)
-    add_dashboards_parser(commands)
+    _add_dashboards_parser(commands)
     bookkeeping.add_parsers(commands)
     _add_evaluator_parsers(commands)
     add_workflow_parsers(commands)

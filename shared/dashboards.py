@@ -251,14 +251,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_dashboards_parser(commands: Any) -> None:
-    """`driftlab dashboards render` and `driftlab dashboards push`."""
-    from shared.dashboard_push import add_push_parser
-
-    dashboards = commands.add_parser(
-        "dashboards", help="Grafana dashboards from the metric declarations"
-    )
-    sub = dashboards.add_subparsers(dest="dashboards_command", metavar="SUBCOMMAND", required=True)
+def add_render_parser(sub: Any) -> None:
+    """`driftlab dashboards render`."""
     render_cmd = sub.add_parser(
         "render", help="write the dashboard JSON (the chart's copy by default)"
     )
@@ -269,4 +263,3 @@ def add_dashboards_parser(commands: Any) -> None:
         "--check", action="store_true", help="exit 1 if the files are out of sync"
     )
     render_cmd.set_defaults(handler=_cmd_render)
-    add_push_parser(sub)

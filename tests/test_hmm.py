@@ -18,9 +18,7 @@ from services.evaluator.hmm import (
     GRAPH_NAME,
     MODEL_NAME,
     candidate_model_name,
-    load_hmm_model,
     run_hmm,
-    save_hmm,
 )
 from services.evaluator.hmm_curves import Curve, convergence_step
 from services.evaluator.hmm_data import HMMError, choose_split, zscore_params
@@ -31,6 +29,7 @@ from services.evaluator.hmm_importance import (
     posterior_gradients,
 )
 from services.evaluator.hmm_models import fit_best, model_from_tensors, model_tensors, n_parameters
+from services.evaluator.hmm_store import load_hmm_model, save_hmm
 from shared import layout
 from shared.errors import InputMissing
 from shared.spec import HMMSpec, RunSpec, apply_overrides, spec_to_yaml

@@ -17,8 +17,8 @@
    with respect to the observation, per feature (hmm_importance), and, with 5 or more runs,
    the detour-state test against the step each run converged at (hmm_detour).
 
-`save_hmm` writes every model (safetensors), the analysis (JSON), the state graph (SVG) and
-the state-coloured curves (PNG) under `evaluate/hmm/` of a run.
+`hmm_store.save_hmm` writes every model (safetensors), the analysis (JSON), the state graph
+(SVG) and the state-coloured curves (PNG) under `evaluate/hmm/` of a run.
 """
 
 from __future__ import annotations
@@ -47,20 +47,11 @@ from services.evaluator.hmm_models import (
     model_tensors,
     n_parameters,
 )
-from services.evaluator.hmm_plots import state_curves_png, state_graph_svg
 from shared import layout
 from shared.spec import HMMSpec
 from shared.store import Store
 
-__all__ = [
-    "HMMAnalysis",
-    "load_ensemble",
-    "load_hmm_model",
-    "run_hmm",
-    "save_hmm",
-    "state_curves_png",
-    "state_graph_svg",
-]
+__all__ = ["ANALYSIS_NAME", "CURVES_NAME", "GRAPH_NAME", "MODEL_NAME", "HMMAnalysis", "run_hmm"]
 
 ANALYSIS_NAME = "analysis.json"
 MODEL_NAME = "model.safetensors"
@@ -269,46 +260,3 @@ def run_hmm(store: Store, run_ids: list[str], spec: HMMSpec) -> HMMAnalysis:
     return HMMAnalysis(
         spec, runs, split, candidates, model, loglik, states, transitions, detour, notes
     )
-
-
-def save_hmm(store: Store, run_id: str, analysis: HMMAnalysis) -> list[str]:
-    """Write the analysis, every model, the graph and the curves; returns the keys written."""
-    keys = []
-
-    def key(name: str) -> str:
-        keys.append(layout.evaluate_hmm_key(run_id, name))
-        return keys[-1]
-
-    for candidate in analysis.candidates:
-        store.put_tensors(
-            key(candidate_model_name(candidate.n_states)), *model_tensors(candidate.model)
-        )
-    store.put_tensors(key(MODEL_NAME), *model_tensors(analysis.model))
-    store.put_text(key(GRAPH_NAME), state_graph_svg(analysis))
-    store.put_bytes(key(CURVES_NAME), state_curves_png(analysis, store))
-    store.put_json(key(ANALYSIS_NAME), analysis.to_json())
-    return keys
-
-
-def load_ensemble(store: Store, run_id: str) -> tuple[dict[str, Any], str, bytes] | None:
-    """The analysis, graph and curves `driftlab hmm` saved for this run and others, if any.
-
-    A fit over a sweep's runs sees every seed's phases and is the better model of this
-    run's; a report rebuilt after `driftlab hmm` shows it instead of refitting the run
-    alone over it. A single-run analysis is not returned: it is the evaluator's own, and
-    refitting it is cheap and always current.
-    """
-    if not store.exists(layout.evaluate_hmm_key(run_id, ANALYSIS_NAME)):
-        return None
-    body: dict[str, Any] = store.get_json(layout.evaluate_hmm_key(run_id, ANALYSIS_NAME))
-    runs = body.get("runs", {})
-    if len(runs) < 2 or run_id not in runs:
-        return None
-    svg = store.get_text(layout.evaluate_hmm_key(run_id, GRAPH_NAME))
-    png = store.get_bytes(layout.evaluate_hmm_key(run_id, CURVES_NAME))
-    return body, svg, png
-
-
-def load_hmm_model(store: Store, run_id: str, name: str = MODEL_NAME) -> GaussianHMM:
-    """A saved model (the selected one by default, or `candidate_model_name(k)`)."""
-    return model_from_tensors(*store.get_tensors(layout.evaluate_hmm_key(run_id, name)))

@@ -31,7 +31,8 @@ def sweep_run_ids(store_url: str, sweep: str) -> list[str]:
 
 
 def cmd_hmm(args: argparse.Namespace) -> int:
-    from services.evaluator.hmm import ANALYSIS_NAME, run_hmm, save_hmm
+    from services.evaluator.hmm import ANALYSIS_NAME, run_hmm
+    from services.evaluator.hmm_store import save_hmm
     from shared.stage import load_run_spec
     from shared.store import open_store
 

@@ -144,7 +144,9 @@ def dynamics(report: Report, store: Store, run_id: str, spec: RunSpec) -> None:
 
 def drift(report: Report, store: Store, run_id: str) -> dict[str, Any] | None:
     if not store.exists(layout.ot_done_key(run_id)):
-        report.absent["drift"] = f"the OT stage has not run: `{stage_registry.OT.command(run_id, store.url)}`"
+        report.absent["drift"] = (
+            f"the OT stage has not run: `{stage_registry.OT.command(run_id, store.url)}`"
+        )
         return None
     phases = store.get_json(layout.ot_phases_key(run_id))
     mean = phases.get("curves", {}).get("mean", {})
@@ -206,12 +208,13 @@ def hmm(report: Report, store: Store, run_id: str, spec: RunSpec) -> dict[str, l
     """
     try:
         from services.evaluator import hmm as hmm_module
+        from services.evaluator import hmm_plots, hmm_store
     except ModuleNotFoundError as err:
-        if err.name != "services.evaluator.hmm":
+        if err.name not in ("services.evaluator.hmm", "services.evaluator.hmm_store"):
             raise
         report.absent["hmm"] = "the HMM analysis (services/evaluator/hmm.py) is not installed"
         return None
-    ensemble = hmm_module.load_ensemble(store, run_id)
+    ensemble = hmm_store.load_ensemble(store, run_id)
     if ensemble is not None:
         body, svg, png = ensemble
         report.data["hmm"] = {**body, "ensemble_of": sorted(body["runs"])}
@@ -226,9 +229,9 @@ def hmm(report: Report, store: Store, run_id: str, spec: RunSpec) -> dict[str, l
         return None
     body = analysis.to_json()
     report.data["hmm"] = body
-    report.data["hmm"]["saved"] = hmm_module.save_hmm(store, run_id, analysis)
-    report.svgs["hmm_graph"] = hmm_module.state_graph_svg(analysis)
-    report.figures["hmm_curves"] = hmm_module.state_curves_png(analysis, store)
+    report.data["hmm"]["saved"] = hmm_store.save_hmm(store, run_id, analysis)
+    report.svgs["hmm_graph"] = hmm_plots.state_graph_svg(analysis)
+    report.figures["hmm_curves"] = hmm_plots.state_curves_png(analysis, store)
     changes: dict[str, list[int]] = body.get("state_changes", {})
     return changes
 
