@@ -58,6 +58,7 @@ from hera.workflows.models import (
     Toleration,
     TTLStrategy,
 )
+from kubernetes.utils import parse_quantity
 
 from shared import layout, stage_registry
 from shared.errors import DriftlabError
@@ -353,35 +354,10 @@ def _resources(stage: Stage, spec: RunSpec, profile: Profile) -> Resources:
     wanted = spec.resources.for_stage(stage.resources)
     cpu, memory = wanted.cpu, wanted.memory
     if profile == "cpu":
-        cpu = min(cpu, CPU_PROFILE_MAX_CPU, key=quantity_value)
-        memory = min(memory, CPU_PROFILE_MAX_MEMORY, key=quantity_value)
+        cpu = min(cpu, CPU_PROFILE_MAX_CPU, key=parse_quantity)
+        memory = min(memory, CPU_PROFILE_MAX_MEMORY, key=parse_quantity)
     gpus = max(wanted.gpus, 1) if profile == "gpu" and stage.gpu else None
     return Resources(cpu_request=cpu, memory_request=memory, memory_limit=wanted.memory, gpus=gpus)
-
-
-_SUFFIXES = {
-    "m": 1e-3,
-    "k": 1e3,
-    "M": 1e6,
-    "G": 1e9,
-    "T": 1e12,
-    "P": 1e15,
-    "E": 1e18,
-    "Ki": 2.0**10,
-    "Mi": 2.0**20,
-    "Gi": 2.0**30,
-    "Ti": 2.0**40,
-    "Pi": 2.0**50,
-    "Ei": 2.0**60,
-}
-
-
-def quantity_value(quantity: str) -> float:
-    """A Kubernetes quantity as a number ("500m" -> 0.5, "2Gi" -> 2147483648)."""
-    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
-        if quantity.endswith(suffix):
-            return float(quantity[: -len(suffix)]) * _SUFFIXES[suffix]
-    return float(quantity)
 
 
 def _stage_metrics(stage: str) -> list[Gauge | Counter]:
