@@ -1,6 +1,6 @@
 """Run identity and every store key of a run, in one place.
 
-No stage spells a key by hand: each artifact of DESIGN.md has one function here, so the
+No stage spells a key by hand: each artifact (docs/ARCHITECTURE.md) has one function here, so the
 layout can change in one file and a typo cannot silently create a second artifact.
 """
 
