@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.ot.cost import cost_scale
 from services.ot.pairwise import DriftResult, depth_time_pairs, pairwise_drift
-from services.ot.sinkhorn import cost_scale
 from shared.spec import OTSpec
 
 #: The OT stage's solver defaults: what the benchmark times unless told otherwise.

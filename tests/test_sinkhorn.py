@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from services.ot.cost import cost_matrix, cost_scale
+from services.ot.emd import emd_cost
 from services.ot.newton import newton_polish
+from services.ot.options import DEFAULT_TOL
 from services.ot.pairwise import depth_time_pairs, pairwise_drift, sinkhorn_divergence
-from services.ot.sinkhorn import DEFAULT_TOL, cost_matrix, cost_scale, emd_cost, sinkhorn_cost
+from services.ot.sinkhorn import sinkhorn_cost
 from services.ot.sliced import sliced_wasserstein
 
 F64 = torch.float64

@@ -4,7 +4,7 @@ Bases and scales (what makes two values comparable):
 
 * `depth[t]` compares the layers of checkpoint t: they are projected on one PCA basis fit
   on all layers of that checkpoint pooled, and costs are divided by that checkpoint's
-  `scale_depth[t]` (`sinkhorn.cost_scale` of those projected clouds pooled).
+  `scale_depth[t]` (`cost.cost_scale` of those projected clouds pooled).
 * `time[l]` and `step[l]` compare the checkpoints of layer l: one PCA basis fit on all
   checkpoints of that layer pooled, costs divided by `scale_time[l]`. A step value is thus
   "drift as a fraction of the layer's typical squared distance", comparable across layers
@@ -36,8 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.ot import pairwise, sinkhorn
+from services.ot import pairwise
 from services.ot.clouds import fit_basis
+from services.ot.cost import cost_scale
+from services.ot.options import SolverOptions
 
 #: Percentile interval of the bootstrap and quantile of the permutation baseline.
 CI_LEVEL = 0.95
@@ -55,7 +57,7 @@ class DriftSettings:
     permutations: int
     n_projections: int
     seed: int
-    options: sinkhorn.SolverOptions
+    options: SolverOptions
     #: Relative accuracy of every sinkhorn value (see `pairwise.pairwise_drift`).
     rtol: float
 
@@ -181,7 +183,7 @@ def compute_drift(
     `extra[T, L+1, m, d]` are further tokens for the permutation baseline's pool.
     """
     n_t, n_l = states.shape[0], states.shape[1]
-    options: sinkhorn.SolverOptions = {**settings.options, "on_solved": on_solved}
+    options: SolverOptions = {**settings.options, "on_solved": on_solved}
 
     def solve(
         clouds: list[Tensor], pairs: list[tuple[int, int]], warm: list[int | None] | None
@@ -286,7 +288,7 @@ def _normalised_groups(
     for k, group in enumerate(groups):
         basis = fit_basis(group, components)
         projected = basis.apply(group)
-        scale = sinkhorn.cost_scale(projected)
+        scale = cost_scale(projected)
         more = extras[k] if extras is not None else None
         if more is not None:
             projected = torch.cat([projected, basis.apply(more)], dim=1)

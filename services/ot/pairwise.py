@@ -3,7 +3,7 @@
 `pairwise_drift` turns a list of cloud pairs into drift values (the debiased Sinkhorn
 divergence, exact EMD cost or sliced W2^2): it solves each cloud's self-term once, warm-starts
 pairs from their neighbours (`depth_time_pairs`) and hands every OT problem to the batched
-solver of `sinkhorn.py` in one call.
+solver's engine (`engine.run_problems`) in one call.
 """
 
 from __future__ import annotations
@@ -16,19 +16,11 @@ from typing import Literal, Unpack
 import torch
 from torch import Tensor
 
+from services.ot.cost import Clouds, as_clouds, cost_scale
+from services.ot.emd import emd_cost
+from services.ot.engine import Solved, Workers, run_problems
 from services.ot.newton import newton_polish, value_error
-from services.ot.sinkhorn import (
-    Clouds,
-    Solved,
-    SolverConfig,
-    SolverOptions,
-    Workers,
-    as_clouds,
-    cost_scale,
-    emd_cost,
-    run_problems,
-    solver_config,
-)
+from services.ot.options import SolverConfig, SolverOptions, solver_config
 from services.ot.sliced import sliced_pairs
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Sliced Wasserstein distance between uniform point clouds: the cheap OT drift.
 
-Moved out of `sinkhorn.py`, which is the Sinkhorn solver; the cost conventions
-(`sinkhorn.cost_scale`, clouds as ``[N, d]`` or batches) are the same.
+The cost conventions are the Sinkhorn solver's (`cost.py`: `cost.cost_scale`, clouds as
+``[N, d]`` or batches).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from services.ot.sinkhorn import Clouds, as_clouds, cost_scale
+from services.ot.cost import Clouds, as_clouds, cost_scale
 
 __all__ = ["sliced_pairs", "sliced_wasserstein"]
 
