@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from services.ot.cost import cost_scale
-from services.ot.pairwise import DriftResult, depth_time_pairs, pairwise_drift
+from services.ot.drift import depth_time_pairs
+from services.ot.pairwise import DriftResult, pairwise_drift
 from shared.spec import OTSpec
 
 #: The OT stage's solver defaults: what the benchmark times unless told otherwise.

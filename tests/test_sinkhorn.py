@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from services.ot.cost import cost_matrix, cost_scale
+from services.ot.drift import depth_time_pairs
 from services.ot.emd import emd_cost
 from services.ot.newton import newton_polish
 from services.ot.options import DEFAULT_TOL
-from services.ot.pairwise import depth_time_pairs, pairwise_drift, sinkhorn_divergence
+from services.ot.pairwise import pairwise_drift, sinkhorn_divergence
 from services.ot.sinkhorn import sinkhorn_cost
 from services.ot.sliced import sliced_wasserstein
 
