@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.ot.pairwise import DriftResult, depth_time_pairs, pairwise_drift
-from services.ot.sinkhorn import cost_scale
+from services.ot.cost import cost_scale
+from services.ot.drift import depth_time_pairs
+from services.ot.pairwise import DriftResult, pairwise_drift
 from shared.spec import OTSpec
 
 #: The OT stage's solver defaults: what the benchmark times unless told otherwise.

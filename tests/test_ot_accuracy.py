@@ -25,9 +25,9 @@ from scipy.special import logsumexp
 from services.extractor.__main__ import EXTRACT
 from services.ot.__main__ import OT
 from services.ot.clouds import load_clouds
+from services.ot.cost import cost_matrix
 from services.ot.drift import _normalised_groups
 from services.ot.pairwise import VALUE_FLOOR, pairwise_drift
-from services.ot.sinkhorn import cost_matrix
 from services.trainer.__main__ import TRAIN
 from shared import layout
 from shared.registry import create_run

@@ -4,7 +4,7 @@ Bases and scales (what makes two values comparable):
 
 * `depth[t]` compares the layers of checkpoint t: they are projected on one PCA basis fit
   on all layers of that checkpoint pooled, and costs are divided by that checkpoint's
-  `scale_depth[t]` (`sinkhorn.cost_scale` of those projected clouds pooled).
+  `scale_depth[t]` (`cost.cost_scale` of those projected clouds pooled).
 * `time[l]` and `step[l]` compare the checkpoints of layer l: one PCA basis fit on all
   checkpoints of that layer pooled, costs divided by `scale_time[l]`. A step value is thus
   "drift as a fraction of the layer's typical squared distance", comparable across layers
@@ -36,8 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.ot import pairwise, sinkhorn
+from services.ot import pairwise
 from services.ot.clouds import fit_basis
+from services.ot.cost import cost_scale
+from services.ot.options import SolverOptions
 
 #: Percentile interval of the bootstrap and quantile of the permutation baseline.
 CI_LEVEL = 0.95
@@ -55,7 +57,7 @@ class DriftSettings:
     permutations: int
     n_projections: int
     seed: int
-    options: sinkhorn.SolverOptions
+    options: SolverOptions
     #: Relative accuracy of every sinkhorn value (see `pairwise.pairwise_drift`).
     rtol: float
 
@@ -159,7 +161,7 @@ def p_values(observed: Tensor, null: Tensor) -> Tensor:
 def total_problems(n_checkpoints: int, n_layers: int, settings: DriftSettings) -> int:
     """OT problems `compute_drift` solves: the total its progress callback counts up to."""
     t, n_l = n_checkpoints, n_layers
-    plan = pairwise.depth_time_pairs(t, n_l)
+    plan = depth_time_pairs(t, n_l)
     total = pairwise.problem_count(_offset_time_pairs(plan.pairs, t, n_l), settings.method)
     if t >= 2:
         total += settings.bootstrap * pairwise.problem_count(_step_pairs(t, n_l), settings.method)
@@ -181,7 +183,7 @@ def compute_drift(
     `extra[T, L+1, m, d]` are further tokens for the permutation baseline's pool.
     """
     n_t, n_l = states.shape[0], states.shape[1]
-    options: sinkhorn.SolverOptions = {**settings.options, "on_solved": on_solved}
+    options: SolverOptions = {**settings.options, "on_solved": on_solved}
 
     def solve(
         clouds: list[Tensor], pairs: list[tuple[int, int]], warm: list[int | None] | None
@@ -215,7 +217,7 @@ def compute_drift(
         extra_block = torch.stack([c[:, states.shape[2] :] for c in per_layer], dim=1)
         clouds += list(time_block.flatten(0, 1).unbind(0))
 
-    plan = pairwise.depth_time_pairs(n_t, n_l)
+    plan = depth_time_pairs(n_t, n_l)
     pairs = _offset_time_pairs(plan.pairs, n_t, n_l)
     result = solve(clouds, pairs, plan.warm_from)
     stats = SolveStats()
@@ -286,7 +288,7 @@ def _normalised_groups(
     for k, group in enumerate(groups):
         basis = fit_basis(group, components)
         projected = basis.apply(group)
-        scale = sinkhorn.cost_scale(projected)
+        scale = cost_scale(projected)
         more = extras[k] if extras is not None else None
         if more is not None:
             projected = torch.cat([projected, basis.apply(more)], dim=1)
@@ -294,6 +296,44 @@ def _normalised_groups(
         scales.append(scale)
         kept.append(basis.explained)
     return out, torch.tensor(scales, dtype=torch.float64), torch.tensor(kept, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """Pairs of cloud indices and, per pair, an earlier pair to warm-start from (or None)."""
+
+    pairs: list[tuple[int, int]]
+    warm_from: list[int | None]
+
+
+def depth_time_pairs(n_checkpoints: int, n_layers: int) -> PairPlan:
+    """The drift pairs of a run, over clouds indexed ``t * n_layers + layer``.
+
+    Depth pairs: at each checkpoint, every layer pair i < j. Time pairs: for each layer,
+    every checkpoint pair s < t. Each pair warm-starts from its nearest earlier neighbour
+    (the same layers one checkpoint before; for time pairs (s, t-1), or (s-1, s) for
+    consecutive ones), which is close because consecutive checkpoints are.
+    """
+    n_t, n_l = n_checkpoints, n_layers
+    pairs: list[tuple[int, int]] = []
+    warm: list[int | None] = []
+    index: dict[tuple[str, int, int, int], int] = {}
+
+    def add(key: tuple[str, int, int, int], pair: tuple[int, int], src: int | None) -> None:
+        index[key] = len(pairs)
+        pairs.append(pair)
+        warm.append(src)
+
+    for t in range(n_t):
+        for i in range(n_l):
+            for j in range(i + 1, n_l):
+                add(("d", t, i, j), (t * n_l + i, t * n_l + j), index.get(("d", t - 1, i, j)))
+    for layer in range(n_l):
+        for s in range(n_t):
+            for t in range(s + 1, n_t):
+                src = ("t", layer, s, t - 1) if t - 1 > s else ("t", layer, s - 1, s)
+                add(("t", layer, s, t), (s * n_l + layer, t * n_l + layer), index.get(src))
+    return PairPlan(pairs, warm)
 
 
 def _offset_time_pairs(pairs: list[tuple[int, int]], n_t: int, n_l: int) -> list[tuple[int, int]]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.ot.sinkhorn import cost_matrix
+from services.ot.cost import cost_matrix
 
 __all__ = ["Polished", "newton_polish", "value_error"]
 

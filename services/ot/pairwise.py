@@ -2,8 +2,8 @@
 
 `pairwise_drift` turns a list of cloud pairs into drift values (the debiased Sinkhorn
 divergence, exact EMD cost or sliced W2^2): it solves each cloud's self-term once, warm-starts
-pairs from their neighbours (`depth_time_pairs`) and hands every OT problem to the batched
-solver of `sinkhorn.py` in one call.
+pairs from their neighbours (`drift.depth_time_pairs` plans them) and hands every OT problem
+to the batched solver's engine (`engine.run_problems`) in one call.
 """
 
 from __future__ import annotations
@@ -16,27 +16,17 @@ from typing import Literal, Unpack
 import torch
 from torch import Tensor
 
+from services.ot.cost import Clouds, as_clouds, cost_scale
+from services.ot.emd import emd_cost
+from services.ot.engine import Solved, Workers, run_problems
 from services.ot.newton import newton_polish, value_error
-from services.ot.sinkhorn import (
-    Clouds,
-    Solved,
-    SolverConfig,
-    SolverOptions,
-    Workers,
-    as_clouds,
-    cost_scale,
-    emd_cost,
-    run_problems,
-    solver_config,
-)
+from services.ot.options import SolverConfig, SolverOptions, solver_config
 from services.ot.sliced import sliced_pairs
 
 __all__ = [
     "VALUE_FLOOR",
     "DriftResult",
     "Method",
-    "PairPlan",
-    "depth_time_pairs",
     "pairwise_drift",
     "problem_count",
     "sinkhorn_divergence",
@@ -83,14 +73,6 @@ class DriftResult:
         return self.error / self.values.abs().clamp_min(VALUE_FLOOR)
 
 
-@dataclass(frozen=True)
-class PairPlan:
-    """Pairs of cloud indices and, per pair, an earlier pair to warm-start from (or None)."""
-
-    pairs: list[tuple[int, int]]
-    warm_from: list[int | None]
-
-
 def sinkhorn_divergence(
     x: Clouds,
     y: Clouds,
@@ -112,36 +94,6 @@ def sinkhorn_divergence(
     sc = cost_scale(xs) if scale is None else float(scale)
     pairs = [(k, n_pairs + k) for k in range(n_pairs)]
     return pairwise_drift(xs + ys, pairs, "sinkhorn", reg, scale=sc, **options).values
-
-
-def depth_time_pairs(n_checkpoints: int, n_layers: int) -> PairPlan:
-    """The drift pairs of a run, over clouds indexed ``t * n_layers + layer``.
-
-    Depth pairs: at each checkpoint, every layer pair i < j. Time pairs: for each layer,
-    every checkpoint pair s < t. Each pair warm-starts from its nearest earlier neighbour
-    (the same layers one checkpoint before; for time pairs (s, t-1), or (s-1, s) for
-    consecutive ones), which is close because consecutive checkpoints are.
-    """
-    n_t, n_l = n_checkpoints, n_layers
-    pairs: list[tuple[int, int]] = []
-    warm: list[int | None] = []
-    index: dict[tuple[str, int, int, int], int] = {}
-
-    def add(key: tuple[str, int, int, int], pair: tuple[int, int], src: int | None) -> None:
-        index[key] = len(pairs)
-        pairs.append(pair)
-        warm.append(src)
-
-    for t in range(n_t):
-        for i in range(n_l):
-            for j in range(i + 1, n_l):
-                add(("d", t, i, j), (t * n_l + i, t * n_l + j), index.get(("d", t - 1, i, j)))
-    for layer in range(n_l):
-        for s in range(n_t):
-            for t in range(s + 1, n_t):
-                src = ("t", layer, s, t - 1) if t - 1 > s else ("t", layer, s - 1, s)
-                add(("t", layer, s, t), (s * n_l + layer, t * n_l + layer), index.get(src))
-    return PairPlan(pairs, warm)
 
 
 def problem_count(pairs: Sequence[tuple[int, int]], method: Method) -> int:
@@ -171,7 +123,7 @@ def pairwise_drift(
 
     ``clouds`` is ``[K, N, d]`` (or a sequence of ``[N_k, d]``), e.g. hidden states of a
     fixed probe set per (checkpoint, layer); ``pairs`` index into it (see
-    :func:`depth_time_pairs`, which also gives ``warm_from``). One ``scale`` serves every
+    :func:`drift.depth_time_pairs`, which also gives ``warm_from``). One ``scale`` serves every
     pair (default :func:`cost_scale` of all clouds pooled) so reg means one thing.
 
     * ``sinkhorn``: the debiased divergence; each cloud's self-term OT(k, k) is solved once

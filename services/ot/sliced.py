@@ -1,7 +1,18 @@
 """Sliced Wasserstein distance between uniform point clouds: the cheap OT drift.
 
-Moved out of `sinkhorn.py`, which is the Sinkhorn solver; the cost conventions
-(`sinkhorn.cost_scale`, clouds as ``[N, d]`` or batches) are the same.
+The cost conventions are the Sinkhorn solver's (`cost.py`: `cost.cost_scale`, clouds as
+``[N, d]`` or batches).
+
+Why not POT's ``ot.sliced_wasserstein_distance``: on the same directions (its
+``projections=``) it gives the same values, squared and divided by the scale (within 2e-7
+relative in float32 and 5e-16 in float64; tests/test_sinkhorn.py checks it), but it projects
+and sorts both clouds again for every pair, where `sliced_pairs` projects and sorts each
+cloud once. On the demo's shape, 26 clouds x 256 points x 32 dims, all 325 pairs, 256
+directions, one torch thread on a shared 2-core CPU: ours 0.36 s in float32 and 0.49 s in
+float64, POT's (torch backend) 13 s and 22 s (medians of 5), 48 s with numpy arrays. Its
+``seed`` also draws other directions (numpy's generator; ours are torch's, drawn on the CPU
+so a seed means the same on any device): up to 11% apart at 256 directions, ranking the
+pairs alike (Spearman 0.9998).
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from services.ot.sinkhorn import Clouds, as_clouds, cost_scale
+from services.ot.cost import Clouds, as_clouds, cost_scale
 
 __all__ = ["sliced_pairs", "sliced_wasserstein"]
 

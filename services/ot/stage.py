@@ -156,7 +156,7 @@ def _metadata(ot: OTSpec, clouds: HiddenClouds) -> dict[str, str]:
         "time_basis": "per layer: PCA fit on all checkpoints of that layer pooled; "
         "cost divided by scale_time[l] (time, step, bootstrap and null)",
         "scale": "mean squared distance between two points of the group's projected "
-        "clouds pooled (services.ot.sinkhorn.cost_scale)",
+        "clouds pooled (services.ot.cost.cost_scale)",
     }
 
 
