@@ -23,10 +23,7 @@ def emd_cost(x: Clouds, y: Clouds, *, scale: float | None = None) -> Tensor:
     (``scale`` defaults to :func:`cost_scale` of the x clouds; pass 1.0 for raw squared
     distances). O(N^3): meant for N up to a few thousand and for checking the others.
     """
-    try:
-        import ot  # POT: optional at runtime, absent from the GPU images
-    except ImportError as exc:  # pragma: no cover - depends on the image
-        raise RuntimeError("emd_cost needs POT (pip install POT); use method='sinkhorn'") from exc
+    import ot  # POT, in the ot extra and image: imported here so the solver needs only torch
     xs, ys = as_clouds(x), as_clouds(y)
     if len(xs) != len(ys):
         raise ValueError(f"x has {len(xs)} clouds and y has {len(ys)}")
