@@ -11,10 +11,10 @@ import math
 from collections.abc import Mapping
 from typing import Any, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from shared.spec.analysis import DetectSpec, EvaluateSpec, ExtractSpec, HMMSpec, OTSpec, SAESpec
-from shared.spec.fields import MAX_SEED, Section, problem, show_value
+from shared.spec.fields import Section, Seed, problem, show_value
 from shared.spec.resources import ResourcesSpec
 from shared.spec.training import DataSpec, ModelSizes, ModelSpec, RunSection, TrainSpec
 
@@ -173,15 +173,17 @@ class RunSpec(Section):
         return self
 
 
+#: `run.seed`'s own validation, so the sections follow exactly the seed the field will hold.
+_SEED = TypeAdapter(Seed)
+
+
 def _as_seed(value: Any) -> int | None:
-    """`value` as the seed pydantic will make of it (`"7"` and `7.0` are 7), else None."""
-    if (isinstance(value, str) and value.strip().isdigit()) or (
-        isinstance(value, float) and value.is_integer()
-    ):
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SEED:
-        return value
-    return None
+    """`value` as the seed pydantic will make of it (`"7"`, `"+7"` and `7.0` are 7), else None."""
+    try:
+        seed: int = _SEED.validate_python(value)
+    except ValidationError:
+        return None
+    return seed
 
 
 def model_sizes(spec: RunSpec) -> ModelSizes:
