@@ -147,12 +147,12 @@ def sweep_from_dict(data: Any, source: str = "<sweep>") -> SweepDef:
     """Validate parsed sweep data; errors read `<source>: <key>: <problem>`."""
     # shared.spec's own path check, so a sweep's unknown path gets the same suggestion
     # (`train.lr` -> `train.learning_rate`) as an override or a spec file would.
-    from shared.spec import _check_override_path, _show
+    from shared.spec import check_override_path, show_value
 
     if not isinstance(data, Mapping):
         raise SpecError(
             f"{source}: the top level must be a mapping with name, method and parameters; "
-            f"got {_show(data)}"
+            f"got {show_value(data)}"
         )
     for key in data:
         if key not in _TOP_KEYS:
@@ -165,7 +165,7 @@ def sweep_from_dict(data: Any, source: str = "<sweep>") -> SweepDef:
         raise SpecError(
             f"{source}: name: must be lower-case letters, digits and '-', start and end with a "
             f"letter or digit, and have at most {_MAX_NAME} characters (it becomes a "
-            f"Kubernetes label); got {_show(name)}"
+            f"Kubernetes label); got {show_value(name)}"
         )
 
     method = data.get("method", "grid")
@@ -187,11 +187,13 @@ def sweep_from_dict(data: Any, source: str = "<sweep>") -> SweepDef:
             raise SpecError(f"{source}: num_runs: is required with method: random")
         if not _is_int(num_runs) or num_runs < 1:
             raise SpecError(
-                f"{source}: num_runs: must be a positive integer, got {_show(num_runs)}"
+                f"{source}: num_runs: must be a positive integer, got {show_value(num_runs)}"
             )
         seed = data.get("seed", 0)
         if not _is_int(seed) or seed < 0:
-            raise SpecError(f"{source}: seed: must be a non-negative integer, got {_show(seed)}")
+            raise SpecError(
+                f"{source}: seed: must be a non-negative integer, got {show_value(seed)}"
+            )
 
     raw_parameters = data.get("parameters")
     if not isinstance(raw_parameters, Mapping) or not raw_parameters:
@@ -203,12 +205,12 @@ def sweep_from_dict(data: Any, source: str = "<sweep>") -> SweepDef:
     for path, raw in raw_parameters.items():
         if not isinstance(path, str):
             raise SpecError(
-                f"{source}: parameters: keys must be dotted spec paths, got {_show(path)}"
+                f"{source}: parameters: keys must be dotted spec paths, got {show_value(path)}"
             )
         where = f"{source}: parameters: {path}"
         if path in RESERVED_PATHS:
             raise SpecError(f"{where}: is set by the sweep itself; remove it")
-        _check_override_path(path.split("."), path, f"{source}: parameters")
+        check_override_path(path.split("."), path, f"{source}: parameters")
         for other in parameters:
             if path.startswith(other + ".") or other.startswith(path + "."):
                 raise SpecError(f"{where}: overlaps {other}; sweep one or the other")
@@ -224,14 +226,14 @@ def sweep_from_dict(data: Any, source: str = "<sweep>") -> SweepDef:
 
 
 def _parse_parameter(raw: Any, method: str, where: str) -> Parameter:
-    from shared.spec import _show
+    from shared.spec import show_value
 
     if isinstance(raw, list):
         return _choice(raw, where)
     if not isinstance(raw, Mapping):
         forms = "a list of values" + (" or {distribution, min, max}" if method == "random" else "")
         raise SpecError(
-            f"{where}: expected {forms}, got {_show(raw)} (a fixed value belongs in the base "
+            f"{where}: expected {forms}, got {show_value(raw)} (a fixed value belongs in the base "
             "spec; a single point is a one-element list)"
         )
     for key in raw:
@@ -241,7 +243,7 @@ def _parse_parameter(raw: Any, method: str, where: str) -> Parameter:
         if len(raw) > 1:
             raise SpecError(f"{where}: give either values or distribution with min and max")
         if not isinstance(raw["values"], list):
-            raise SpecError(f"{where}: values: expected a list, got {_show(raw['values'])}")
+            raise SpecError(f"{where}: values: expected a list, got {show_value(raw['values'])}")
         return _choice(raw["values"], where)
     if "distribution" not in raw:
         raise SpecError(f"{where}: needs values: [...] or distribution with min and max")
@@ -256,9 +258,9 @@ def _parse_parameter(raw: Any, method: str, where: str) -> Parameter:
         if value is None:
             raise SpecError(f"{where}: {key}: is required with distribution: {kind}")
         if kind == "int_uniform" and not _is_int(value):
-            raise SpecError(f"{where}: {key}: expected an integer, got {_show(value)}")
+            raise SpecError(f"{where}: {key}: expected an integer, got {show_value(value)}")
         if not _is_number(value) or not math.isfinite(value):
-            raise SpecError(f"{where}: {key}: expected a finite number, got {_show(value)}")
+            raise SpecError(f"{where}: {key}: expected a finite number, got {show_value(value)}")
         bounds.append(value)
     low, high = bounds
     if low >= high:
@@ -289,11 +291,11 @@ def _unknown(key: str, valid: tuple[str, ...]) -> str:
 
 
 def _not_one_of(value: Any, options: tuple[str, ...]) -> str:
-    from shared.spec import _show
+    from shared.spec import show_value
 
     close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"must be one of {', '.join(options)}; got {_show(value)}{hint}"
+    return f"must be one of {', '.join(options)}; got {show_value(value)}{hint}"
 
 
 def _is_int(value: Any) -> bool:
