@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from cli import main as cli
-from shared import layout, sweep
+from cli import sweep as sweep_command
+from shared import layout
 from shared.errors import LayoutError, SpecError
 from shared.registry import RegistryError, create_run, load_rows
 from shared.spec import RunSpec, apply_overrides, load_spec, parse_spec, spec_to_yaml
@@ -453,7 +454,7 @@ def _fake_run_local(log: Path) -> Any:
 
 def test_local_runs_every_run_in_order_past_a_failure(tmp_path, monkeypatch, capfd):
     log = tmp_path / "log.txt"
-    monkeypatch.setattr(sweep, "run_local", _fake_run_local(log))
+    monkeypatch.setattr(sweep_command, "run_local", _fake_run_local(log))
     sweep_file = tmp_path / "s.yaml"
     sweep_file.write_text("name: local\nparameters: {run.seed: [0, 1, 2]}\n")
     store_dir = str(tmp_path / "store")

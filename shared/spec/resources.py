@@ -79,7 +79,7 @@ class ResourcesSpec(Section):
     """Evaluator pod."""
 
     def for_stage(self, stage: str) -> StageResources:
-        """The resources of `stage` (one of shared.layout.STAGES)."""
+        """The resources of `stage` (one of shared.stage_registry.STATUS_NAMES)."""
         if stage not in type(self).model_fields:
             raise KeyError(f"no resources for stage {stage!r}")
         value: StageResources = getattr(self, stage)
