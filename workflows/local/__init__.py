@@ -26,31 +26,46 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any
 
 from shared.errors import DriftlabError
+from workflows.local.display import LineReporter, LiveTable
+from workflows.local.nodes import (
+    ERROR,
+    FAILED,
+    OMITTED,
+    RUNNING,
+    SKIPPED,
+    STOPPED,
+    SUCCEEDED,
+    Node,
+    Reporter,
+    RunResult,
+)
 
-SUCCEEDED = "Succeeded"
-FAILED = "Failed"
-ERROR = "Error"
-SKIPPED = "Skipped"
-OMITTED = "Omitted"
-STOPPED = "Stopped"
-PENDING = "Pending"
-RUNNING = "Running"
-FINAL = (SUCCEEDED, FAILED, ERROR, SKIPPED, OMITTED, STOPPED)
-LOG_TAIL_LINES = 20
+__all__ = [
+    "ERROR",
+    "FAILED",
+    "SKIPPED",
+    "STOPPED",
+    "SUCCEEDED",
+    "LineReporter",
+    "LiveTable",
+    "LocalRunError",
+    "Node",
+    "RunResult",
+    "run_workflow",
+]
+
 _TERM_GRACE_S = 15.0
 _POLL_S = 0.1
 _VAR_RE = re.compile(r"{{\s*([^{}]*?)\s*}}")
@@ -75,60 +90,6 @@ class LocalRunError(DriftlabError):
     """A workflow this executor cannot run as written (bad reference, unknown template)."""
 
     exit_code = 2
-
-
-@dataclass
-class Node:
-    """One task instance (one item of a loop), as the live table shows it."""
-
-    name: str
-    template: str
-    kind: str  # "container" or "dag"
-    state: str = PENDING
-    attempts: int = 0
-    started: float | None = None
-    ended: float | None = None
-    message: str = ""
-    log: Path | None = None
-    progress_file: Path | None = None
-    outputs: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def seconds(self) -> float | None:
-        if self.started is None:
-            return None
-        return (self.ended or time.monotonic()) - self.started
-
-    def progress(self) -> str:
-        if self.progress_file is None:
-            return ""
-        try:
-            return self.progress_file.read_text().strip()
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        if self.log is None or not self.log.exists():
-            return ""
-        text = self.log.read_text(errors="replace").rstrip("\n").splitlines()
-        return "\n".join(text[-lines:])
-
-
-@dataclass
-class RunResult:
-    """How the workflow ended: its status, every node, and the failed one if any."""
-
-    status: str
-    nodes: list[Node]
-    failed: Node | None
-    log_dir: Path
-
-    @property
-    def ok(self) -> bool:
-        return self.status == SUCCEEDED
-
-
-Reporter = Callable[[Node], None]
 
 
 def run_workflow(
@@ -691,69 +652,3 @@ def _is_failure(task: Mapping[str, Any], phase: str, handled: set[str]) -> bool:
 def _continues_on(task: Mapping[str, Any], phase: str) -> bool:
     cont = task.get("continueOn") or {}
     return bool(cont.get("failed") if phase == FAILED else cont.get("error"))
-
-
-# -- reporting ----------------------------------------------------------------------------
-
-
-class LineReporter:
-    """One line per state change: for logs, CI and pipes."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.lock = threading.Lock()
-
-    def __call__(self, node: Node) -> None:
-        seconds = f" in {node.seconds:.1f}s" if node.state in FINAL and node.seconds else ""
-        attempt = f" (attempt {node.attempts})" if node.attempts > 1 else ""
-        message = f": {node.message}" if node.message else ""
-        with self.lock:
-            print(
-                f"{node.name} {node.state.lower()}{attempt}{seconds}{message}",
-                file=self.stream,
-                flush=True,
-            )
-
-
-class LiveTable:
-    """A table of every task's state, redrawn in place in a terminal."""
-
-    def __init__(self, stream: TextIO, interval_s: float = 0.5) -> None:
-        self.stream = stream
-        self.interval_s = interval_s
-        self.nodes: dict[str, Node] = {}
-        self.lock = threading.Lock()
-        self.drawn = 0
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def __call__(self, node: Node) -> None:
-        with self.lock:
-            self.nodes[node.name] = node
-
-    def _loop(self) -> None:
-        while not self.closed.wait(self.interval_s):
-            self.draw()
-
-    def draw(self) -> None:
-        with self.lock:
-            rows = [
-                f"{n.name[:60]:<60} {n.state.lower():<10} {_seconds(n):>8} {n.progress():>12}"
-                for n in self.nodes.values()
-            ]
-        width = shutil.get_terminal_size().columns
-        out = "\x1b[F\x1b[2K" * self.drawn + "".join(r[:width] + "\n" for r in rows)
-        self.stream.write(out)
-        self.stream.flush()
-        self.drawn = len(rows)
-
-    def close(self) -> None:
-        self.closed.set()
-        self.thread.join()
-        self.draw()
-
-
-def _seconds(node: Node) -> str:
-    seconds = node.seconds
-    return "" if seconds is None else f"{seconds:.1f}s"
