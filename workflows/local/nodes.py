@@ -4,36 +4,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-SUCCEEDED = "Succeeded"
-FAILED = "Failed"
-ERROR = "Error"
-SKIPPED = "Skipped"
-OMITTED = "Omitted"
-STOPPED = "Stopped"
 PENDING = "Pending"
 RUNNING = "Running"
-FINAL = (SUCCEEDED, FAILED, ERROR, SKIPPED, OMITTED, STOPPED)
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"  # the command exited non-zero, or ran past its deadline
+ERROR = "Error"  # killed by a signal, never started, or a task that could not be prepared
+STOPPED = "Stopped"  # ended by the runner: another task failed, or driftlab was stopped
+FINAL = (SUCCEEDED, FAILED, ERROR, STOPPED)
 LOG_TAIL_LINES = 20
 
 
 @dataclass
 class Node:
-    """One task instance (one item of a loop), as the live table shows it."""
+    """One container task instance (one item of a fan-out), as the live table shows it."""
 
     name: str
     template: str
-    kind: str  # "container" or "dag"
     state: str = PENDING
     attempts: int = 0
     started: float | None = None
     ended: float | None = None
     message: str = ""
-    log: Path | None = None
-    progress_file: Path | None = None
-    outputs: dict[str, str] = field(default_factory=dict)
+    log: Path | None = None  # stderr of every attempt
+    progress_file: Path | None = None  # $ARGO_PROGRESS_FILE, "N/M" written by the stage
+    result: str = ""  # stdout of a succeeded task: Argo's `outputs.result`
 
     @property
     def seconds(self) -> float | None:
