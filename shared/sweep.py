@@ -363,7 +363,7 @@ def _describe_point(point: Mapping[str, Any]) -> str:
 def run_local(run_id: str, store_url: str) -> int:
     """Carry one registered run through its whole workflow here; 0 or 1.
 
-    The compiled Argo graph runs under the local executor (workflows/local.py), exactly
+    The compiled Argo graph runs under the local runner (workflows/local/), exactly
     as `driftlab run` does; task states go to stderr, so the sweep's stdout stays run ids.
     """
     from workflows.commands import run_registered

@@ -1,4 +1,4 @@
-"""The local executor on small hand-written workflows (Argo's compiled form).
+"""The local runner on small hand-written workflows (Argo's compiled form).
 
 Every task is a short `python -c` that appends to a journal file, so the tests see what
 ran, in which order, with which parameters, and how often.
