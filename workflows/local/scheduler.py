@@ -20,9 +20,15 @@ from dataclasses import dataclass, field
 from graphlib import TopologicalSorter
 from pathlib import Path
 
-from workflows.local.manifest import ContainerTemplate, DagTask, DagTemplate, Workflow
+from workflows.local.manifest import (
+    ContainerTemplate,
+    DagTask,
+    DagTemplate,
+    LocalRunError,
+    Workflow,
+)
 from workflows.local.nodes import ERROR, FAILED, STOPPED, SUCCEEDED, Node, Reporter
-from workflows.local.parameters import LocalRunError, fan_out, substitute
+from workflows.local.parameters import fan_out, substitute
 from workflows.local.process import StageCommand, StopSignal, run_stage
 
 
