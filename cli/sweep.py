@@ -2,7 +2,7 @@
 
 The sweep itself (its file format, grid and random points, the specs they expand to) is
 `shared.sweep`; this is its command line, which runs the registered runs through the
-workflow's local executor (`workflows.commands`), so it belongs to the top layer.
+workflow's local runner (`workflows.commands`), so it belongs to the top layer.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from shared.sweep import DEFAULT_MAX_RUNS, expand, load_sweep, points
 def run_local(run_id: str, store_url: str) -> int:
     """Carry one registered run through its whole workflow here; 0 or 1.
 
-    The compiled Argo graph runs under the local executor (workflows/local.py), exactly
+    The compiled Argo graph runs under the local runner (workflows/local/), exactly
     as `driftlab run` does; task states go to stderr, so the sweep's stdout stays run ids.
     """
     from workflows.commands import run_registered

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from shared.spec import apply_overrides, load_spec
+from workflows.local.manifest import read_workflow
 from workflows.pipeline import (
     EXIT_HANDLER,
     GPU_RESOURCE,
@@ -94,6 +95,14 @@ def test_every_module_is_valid_and_matches_its_golden_file(
         golden.write_text(text)
     assert golden.is_file(), f"{golden} is missing: run with DRIFTLAB_UPDATE_GOLDEN=1"
     assert text == golden.read_text()
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+@pytest.mark.parametrize("module", MODULES)
+def test_the_local_runner_reads_every_compiled_workflow(module: str, profile: str) -> None:
+    """What the pipeline emits is exactly what workflows/local accepts, sweeps included."""
+    workflow = read_workflow(_manifest(module, profile))
+    assert workflow.on_exit == EXIT_HANDLER
 
 
 def test_schema_validation_catches_a_broken_workflow(

@@ -236,7 +236,7 @@ def _timings(nodes: list[Any]) -> str:
 
     stages: dict[str, list[Any]] = {}
     for node in nodes:
-        if node.kind == "container" and node.started is not None:
+        if node.started is not None:
             stages.setdefault(node.template, []).append(node)
     lines = []
     for name, group in stages.items():

@@ -2,7 +2,7 @@
 
 Everything the cluster needs to know about a stage is its command line: this module knows
 Argo (templates, retries, selectors, metrics) and nothing of the science. `driftlab run`
-executes the very workflow built here (workflows/local.py), so a local run proves the
+executes the very workflow built here (workflows/local/), so a local run proves the
 commands Argo will run; only images, selectors and resources are ignored there.
 
 Graph::
