@@ -132,6 +132,26 @@ def test_topk_auxk_gives_dead_latents_a_gradient():
         assert bool(dead_grad > 0) == expect_grad
 
 
+def test_jumprelu_pre_activation_loss_revives_dead_features():
+    """Features that never reach their threshold get no gradient from reconstruction or
+    sparsity, so they stay dead; the pre-activation loss walks them back until they fire."""
+    x, _, _ = planted_dictionary(2048, 16, 32, 3.0, seed=2)
+    rows = torch.arange(len(x))
+    scale, mean = input_scale(x, rows)
+    alive = {}
+    for coeff in (0.0, 1e-3):
+        sae = build_sae(SAEConfig(arch="jumprelu", d_in=16, d_sae=64, pre_act_coeff=coeff))
+        sae.init_from_data(mean, scale)
+        with torch.no_grad():
+            sae.b_enc[:16] = -3.0  # far below any token's pre-activation: dead from the start
+        fit(sae, Batches(x, rows, 128, CPU, scale, 0), Schedule(steps=300, lr=3e-3))
+        fires = (sae.features(x) > 0).any(0)
+        alive[coeff] = int(fires[:16].sum())
+        assert bool(fires[16:].all())
+    assert alive[0.0] == 0
+    assert alive[1e-3] >= 12
+
+
 def test_a_nan_loss_stops_training_with_its_step():
     x = torch.randn(64, 8)
     x[5, 3] = float("nan")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -95,6 +97,51 @@ def test_mixing_buffer_never_writes_into_the_chunks_it_was_given():
     for _ in range(40):
         next(stream)
     assert torch.equal(data, torch.arange(300, dtype=torch.float32)[:, None])
+
+
+def _refill_threads() -> int:
+    return sum(t.name == "mixing-buffer-refill" for t in threading.enumerate())
+
+
+def test_mixing_buffer_refills_in_a_thread_and_serves_the_same_batches_at_any_speed():
+    """The stream is read while the consumer holds a batch and calls nothing (a refill done
+    inside `next` would leave it untouched), and a slow producer changes no batch."""
+
+    class Slow(Counting):
+        def __iter__(self):
+            for chunk in super().__iter__():
+                time.sleep(0.002)  # the consumer has to wait for the producer at times
+                yield chunk
+
+    source = Slow()
+    slow = MixingBuffer(iter(source), capacity=512, batch_size=32, seed=0).batches(1.0)
+    served = [next(slow)]
+    filled = source.taken
+    deadline = time.monotonic() + 10
+    while source.taken == filled and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert source.taken > filled, "the refill did not overlap serving"
+    served += [next(slow) for _ in range(99)]  # 12 rounds
+    fast = MixingBuffer(iter(Counting()), capacity=512, batch_size=32, seed=0).batches(1.0)
+    assert all(torch.equal(a, next(fast)) for a in served)
+
+
+def test_mixing_buffer_raises_the_producers_error_and_ends_its_thread():
+    def failing():
+        yield from itertools.islice(Counting(), 512 // 37 + 3)
+        raise OSError("the model's forward pass failed")
+
+    before = _refill_threads()
+    stream = MixingBuffer(failing(), capacity=512, batch_size=32, seed=0).batches(1.0)
+    with pytest.raises(OSError, match="forward pass failed"):
+        for _ in range(9):  # the first round's 8 batches, then its refill's end
+            next(stream)
+    assert _refill_threads() == before
+    stopped = MixingBuffer(iter(Counting()), capacity=512, batch_size=32, seed=0).batches(1.0)
+    next(stopped)
+    assert _refill_threads() == before + 1
+    stopped.close()
+    assert _refill_threads() == before
 
 
 def _epochs_of(x: torch.Tensor, chunk: int, seed: int):

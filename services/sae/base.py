@@ -36,6 +36,7 @@ class SAEConfig:
     init_threshold: float = 0.01
     tanh_scale: float = 4.0
     aux_k_coeff: float = 1 / 32
+    pre_act_coeff: float = 0.0
     dead_after_tokens: int = 10_000_000
 
     def to_json(self) -> dict[str, Any]:

@@ -55,6 +55,7 @@ def sae_config(spec: SAESpec, d_in: int, train_tokens: int) -> SAEConfig:
         init_threshold=spec.init_threshold,
         tanh_scale=spec.tanh_scale,
         aux_k_coeff=spec.aux_k_coeff,
+        pre_act_coeff=spec.pre_act_coeff,
         dead_after_tokens=min(GAO_DEAD_TOKENS, max(1, train_tokens // 10)),
     )
 

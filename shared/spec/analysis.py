@@ -139,6 +139,9 @@ class SAESpec(Section):
     """Scale inside the tanh of sparsity_loss tanh."""
     aux_k_coeff: Float = Field(default=1 / 32, ge=0)
     """Weight of TopK's auxiliary loss that revives dead features (Gao et al.: 1/32)."""
+    pre_act_coeff: Float = Field(default=0.0, ge=0)
+    """Weight of JumpReLU's pre-activation loss sum ReLU(theta - z) that revives dead features
+    (Anthropic, January 2025); 0: off."""
     lr: Float = Field(default=1e-3, gt=0)
     """Adam learning rate."""
     batch_size: Int = Field(default=256, gt=0)
