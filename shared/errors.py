@@ -37,6 +37,19 @@ class ArtifactNotFound(StoreError):
     exit_code = 2
 
 
+class JsonLinesError(StoreError):
+    """A line of a JSON-lines object is not JSON.
+
+    `line_number` (1-based) and `reason` (the parser's words) are kept apart, so a reader
+    that knows what the file should hold can say so in its own message.
+    """
+
+    def __init__(self, url: str, line_number: int, reason: str) -> None:
+        super().__init__(f"{url} line {line_number} is not valid JSON: {reason}")
+        self.line_number = line_number
+        self.reason = reason
+
+
 class InputMissing(DriftlabError):
     """A stage was started before the stage it reads from finished."""
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from urllib.parse import unquote, urlsplit
 
-from shared.errors import ArtifactNotFound, LayoutError, StoreError
+from shared.errors import ArtifactNotFound, JsonLinesError, LayoutError, StoreError
 from shared.store_base import Store
 from shared.store_keys import validate_key
 from shared.store_local import LocalStore
@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_S3_ENDPOINT",
     "DEFAULT_STORE_URL",
     "ArtifactNotFound",
+    "JsonLinesError",
     "LayoutError",
     "LocalStore",
     "S3Store",

@@ -2,7 +2,7 @@
 
 `Store` turns keys and Python values into the few byte-moving primitives a backend
 implements, so the local folder and S3 cannot drift apart in what they accept or how they
-encode JSON or tensors.
+encode JSON, JSON lines or tensors.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import ArtifactNotFound, LayoutError, StoreError
+from shared.errors import ArtifactNotFound, JsonLinesError, LayoutError, StoreError
 from shared.store_keys import validate_key, validate_prefix
 from shared.store_tensors import read_safetensors, write_safetensors
 
@@ -117,6 +117,46 @@ class Store(abc.ABC):
             return json.loads(text)
         except json.JSONDecodeError as exc:
             raise StoreError(f"{self.url_of(key)} is not valid JSON: {exc}") from None
+
+    def put_jsonl(self, key: str, rows: Iterable[Any], *, allow_nan: bool = True) -> None:
+        """One JSON value per line, keys sorted (as `put_json`) and non-ASCII escaped.
+
+        Escaping keeps every row on one line whatever its strings hold (U+2028 included),
+        for readers that split on any line break. `allow_nan=False` refuses NaN and
+        infinities, for files where one would mean a bug rather than a diverged metric.
+        """
+        self.put_text(
+            key,
+            "".join(json.dumps(row, sort_keys=True, allow_nan=allow_nan) + "\n" for row in rows),
+        )
+
+    def get_jsonl(self, key: str, *, missing_ok: bool = False) -> builtins.list[Any]:
+        """The value of each non-blank line; `missing_ok` reads a missing key as no rows."""
+        return [row for _, row in self.get_jsonl_lines(key, missing_ok=missing_ok)]
+
+    def get_jsonl_lines(
+        self, key: str, *, missing_ok: bool = False
+    ) -> builtins.list[tuple[int, Any]]:
+        """(1-based line number, value) of each non-blank line, for errors naming a line.
+
+        A line that is not JSON raises `JsonLinesError`, which carries its number and the
+        parser's reason, so a caller can restate it in its own terms.
+        """
+        try:
+            text = self.get_text(key)
+        except ArtifactNotFound:
+            if missing_ok:
+                return []
+            raise
+        rows = []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise JsonLinesError(self.url_of(key), number, str(exc)) from None
+        return rows
 
     def put_tensors(
         self,
