@@ -35,7 +35,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from shared.errors import DriftlabError
+from shared.errors import DataError, error_summary
 from shared.spec import DataSpec
 
 if TYPE_CHECKING:
@@ -54,12 +54,6 @@ __all__ = [
     "prompt_ids",
     "tokenize_examples",
 ]
-
-
-class DataError(DriftlabError):
-    """A dataset or tokenizer cannot be read: missing path, bad file, empty data, no hub."""
-
-    exit_code = 2
 
 
 AnswerStyle = Literal["hashes", "number", "phrase", "none"]
@@ -238,12 +232,6 @@ def normalize_number(raw: str) -> str | None:
     if value == value.to_integral_value():
         return str(int(value))
     return format(value.normalize(), "f")
-
-
-def error_summary(err: BaseException) -> str:
-    """`Type: first line` of an exception from a library, for a one-line error of ours."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")

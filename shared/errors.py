@@ -54,3 +54,15 @@ class InputMissing(DriftlabError):
     """A stage was started before the stage it reads from finished."""
 
     exit_code = 2
+
+
+class DataError(DriftlabError):
+    """A dataset or tokenizer cannot be read: missing path, bad file, empty data, no hub."""
+
+    exit_code = 2
+
+
+def error_summary(err: BaseException) -> str:
+    """`Type: first line` of an exception from a library, for a one-line error of ours."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
