@@ -139,8 +139,10 @@ class Store(abc.ABC):
     ) -> builtins.list[tuple[int, Any]]:
         """(1-based line number, value) of each non-blank line, for errors naming a line.
 
-        A line that is not JSON raises `JsonLinesError`, which carries its number and the
-        parser's reason, so a caller can restate it in its own terms.
+        Lines end at "\n" only, JSON lines' own separator, so a raw U+2028 written by
+        another tool stays inside its string. A line that is not JSON raises
+        `JsonLinesError`, which carries its number and the parser's reason, so a caller
+        can restate it in its own terms.
         """
         try:
             text = self.get_text(key)
