@@ -41,6 +41,19 @@ class ArtifactNotFound(StoreError):
     exit_code = 2
 
 
+class JsonLinesError(StoreError):
+    """A line of a JSON-lines object is not JSON.
+
+    `line_number` (1-based) and `reason` (the parser's words) are kept apart, so a reader
+    that knows what the file should hold can say so in its own message.
+    """
+
+    def __init__(self, url: str, line_number: int, reason: str) -> None:
+        super().__init__(f"{url} line {line_number} is not valid JSON: {reason}")
+        self.line_number = line_number
+        self.reason = reason
+
+
 class InputMissing(DriftlabError):
     """A stage was started before the stage it reads from finished."""
 
@@ -64,3 +77,15 @@ def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
         return 130
     except BrokenPipeError:
         return 0
+
+
+class DataError(DriftlabError):
+    """A dataset or tokenizer cannot be read: missing path, bad file, empty data, no hub."""
+
+    exit_code = 2
+
+
+def error_summary(err: BaseException) -> str:
+    """`Type: first line` of an exception from a library, for a one-line error of ours."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

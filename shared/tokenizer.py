@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.data import DataError, error_summary
+from shared.errors import DataError, error_summary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

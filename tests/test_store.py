@@ -21,7 +21,7 @@ import pytest
 import torch
 from minio import Minio
 
-from shared.errors import ArtifactNotFound, LayoutError, StoreError
+from shared.errors import ArtifactNotFound, JsonLinesError, LayoutError, StoreError
 from shared.store import (
     DEFAULT_PARALLEL_UPLOADS,
     DEFAULT_PART_SIZE,
@@ -58,6 +58,42 @@ def test_bytes_text_json_round_trip(store: Store) -> None:
     assert store.get_text("runs/r/status/train.json").index('"a"') < 10
     store.put_bytes("runs/r/blob.bin", b"")
     assert store.get_bytes("runs/r/blob.bin") == b""
+
+
+def test_jsonl_round_trip(store: Store) -> None:
+    rows = [{"step": 2, "loss": float("inf"), "note": "é\u2028x"}, [1, None], {}]
+    store.put_jsonl("runs/r/train/metrics.jsonl", rows)
+    # Sorted keys, ASCII only, one row per line, so any line splitter reads it back.
+    text = store.get_text("runs/r/train/metrics.jsonl")
+    assert text == ('{"loss": Infinity, "note": "\\u00e9\\u2028x", "step": 2}\n[1, null]\n{}\n')
+    assert store.get_jsonl("runs/r/train/metrics.jsonl") == rows
+    store.put_jsonl("runs/r/empty.jsonl", [])
+    assert store.get_text("runs/r/empty.jsonl") == ""
+    assert store.get_jsonl("runs/r/empty.jsonl") == []
+    with pytest.raises(ValueError, match="Out of range float"):
+        store.put_jsonl("runs/r/strict.jsonl", [{"score": float("nan")}], allow_nan=False)
+    assert not store.exists("runs/r/strict.jsonl")
+
+
+def test_jsonl_lines_count_blank_lines_and_missing_keys(store: Store) -> None:
+    store.put_text("d/scores.jsonl", '{"a": 1}\n\n  \r\n{"a": 2}\r\n')
+    assert store.get_jsonl_lines("d/scores.jsonl") == [(1, {"a": 1}), (4, {"a": 2})]
+    with pytest.raises(ArtifactNotFound, match="does not exist"):
+        store.get_jsonl("d/missing.jsonl")
+    assert store.get_jsonl("d/missing.jsonl", missing_ok=True) == []
+    assert store.get_jsonl_lines("d/missing.jsonl", missing_ok=True) == []
+
+
+def test_jsonl_bad_line_names_url_and_line(store: Store) -> None:
+    store.put_text("d/bad.jsonl", '{"a": 1}\n\n{oops\n')
+    with pytest.raises(JsonLinesError) as err:
+        store.get_jsonl("d/bad.jsonl")
+    assert err.value.line_number == 3
+    assert err.value.reason.startswith("Expecting property name")
+    assert str(err.value) == (
+        f"{store.url_of('d/bad.jsonl')} line 3 is not valid JSON: {err.value.reason}"
+    )
+    assert isinstance(err.value, StoreError)
 
 
 def test_tensors_round_trip(store: Store) -> None:

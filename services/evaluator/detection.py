@@ -12,7 +12,6 @@ what a user of that threshold would see on new answers.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from shared import layout, stage_registry
 from shared.auroc import CI_LEVEL, auroc, bootstrap_ci
-from shared.errors import ArtifactNotFound, DriftlabError
+from shared.errors import ArtifactNotFound, DriftlabError, JsonLinesError
 from shared.spec import EvaluateSpec
 from shared.store import Store
 
@@ -49,12 +48,20 @@ def kind_of(name: str) -> str:
 
 def load_rows(store: Store, run_id: str) -> list[dict[str, Any]]:
     key = layout.detect_scores_key(run_id)
+
+    def not_a_score_row(number: int, reason: object) -> DetectionDataError:
+        return DetectionDataError(
+            f"{store.url_of(key)} line {number} is not a score row ({reason}): rerun "
+            f"`{stage_registry.DETECT.command(run_id, store.url)} --force`"
+        )
+
+    try:
+        lines = store.get_jsonl_lines(key)
+    except JsonLinesError as err:
+        raise not_a_score_row(err.line_number, err.reason) from None
     rows = []
-    for number, line in enumerate(store.get_text(key).splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, row in lines:
         try:
-            row = json.loads(line)
             if row["split"] not in ("train", "test") or row["label"] not in (
                 POSITIVE,
                 NEGATIVE,
@@ -63,10 +70,7 @@ def load_rows(store: Store, run_id: str) -> list[dict[str, Any]]:
                 raise ValueError(f"split {row['split']!r}, label {row['label']!r}")
             scores = {str(k): float(v) for k, v in row["scores"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise DetectionDataError(
-                f"{store.url_of(key)} line {number} is not a score row ({err}): rerun "
-                f"`{stage_registry.DETECT.command(run_id, store.url)} --force`"
-            ) from None
+            raise not_a_score_row(number, err) from None
         rows.append({**row, "scores": scores})
     return rows
 

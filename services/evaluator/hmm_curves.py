@@ -7,14 +7,12 @@ either simply has empty curves: the HMM itself only needs the dynamics.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from shared import layout
-from shared.errors import ArtifactNotFound
 from shared.steps import complete_steps, eval_metrics
 from shared.store import Store
 
@@ -34,12 +32,7 @@ class Curve:
 def load_curves(store: Store, run_id: str) -> list[Curve]:
     """train_loss, eval_loss and eval_accuracy, whichever the run has (finite points only)."""
     points: dict[str, dict[int, float]] = {"train_loss": {}, "eval_loss": {}, "eval_accuracy": {}}
-    try:
-        text = store.get_text(layout.train_metrics_key(run_id))
-    except ArtifactNotFound:
-        text = ""
-    for line in text.splitlines():
-        row = json.loads(line) if line.strip() else {}
+    for row in store.get_jsonl(layout.train_metrics_key(run_id), missing_ok=True):
         if isinstance(row.get("loss"), int | float) and "step" in row:
             points["train_loss"][int(row["step"])] = float(row["loss"])
     for step, evals in eval_metrics(store, run_id, complete_steps(store, run_id)).items():

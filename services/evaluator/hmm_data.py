@@ -18,7 +18,6 @@ Held-out log-likelihood needs data the fit did not see:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Literal
 import numpy as np
 
 from shared import layout, stage_registry
-from shared.errors import ArtifactNotFound, DriftlabError, InputMissing
+from shared.errors import ArtifactNotFound, DriftlabError, InputMissing, JsonLinesError
 from shared.store import Store
 
 HELDOUT_FRACTION = 0.2
@@ -69,25 +68,28 @@ def zscore_params(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def load_run_observations(store: Store, run_id: str, features: Sequence[str]) -> RunObservations:
     """Read a run's dynamics rows; rows with a non-finite feature (divergence) are dropped."""
     key = layout.train_dynamics_key(run_id)
+
+    def not_a_dynamics_row(number: int) -> HMMError:
+        return HMMError(
+            f"hmm: line {number} of {store.url_of(key)} is not a dynamics row with a step; "
+            f"rewrite it: `{stage_registry.TRAIN.command(run_id, store.url)} --force`"
+        )
+
     try:
-        text = store.get_text(key)
+        lines = store.get_jsonl_lines(key)
     except ArtifactNotFound:
         raise InputMissing(
             f"hmm: run {run_id} has no training dynamics at {store.url_of(key)}; run "
             f"`{stage_registry.TRAIN.command(run_id, store.url)}` first"
         ) from None
+    except JsonLinesError as err:
+        raise not_a_dynamics_row(err.line_number) from None
     by_step: dict[int, list[float]] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in lines:
         try:
-            row = json.loads(line)
             step = int(row["step"])
         except (ValueError, KeyError, TypeError):
-            raise HMMError(
-                f"hmm: line {number} of {store.url_of(key)} is not a dynamics row with a step; "
-                f"rerun the trainer with --force to rewrite it"
-            ) from None
+            raise not_a_dynamics_row(number) from None
         missing = [name for name in features if name not in row]
         if missing:
             raise HMMError(

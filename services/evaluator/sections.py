@@ -8,7 +8,6 @@ to run, so a partial report is still a correct one.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ from services.evaluator.explorer import explore
 from services.evaluator.phase_figure import PhaseSeries, phases_png
 from services.evaluator.quality import STAGE, hmm_checks
 from shared import layout, stage_registry
-from shared.errors import ArtifactNotFound, DriftlabError
+from shared.errors import DriftlabError
 from shared.quality import QualityCheck, run_checks, summary, worst_first
 from shared.spec import RunSpec, model_sizes
 from shared.steps import complete_steps, eval_metrics
@@ -42,14 +41,6 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": 1, "run_id": self.run_id, **self.data, "absent": self.absent}
-
-
-def _jsonl(store: Store, key: str) -> list[dict[str, Any]]:
-    try:
-        text = store.get_text(key)
-    except ArtifactNotFound:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _png(draw: Callable[[Any], None], size: tuple[float, float] = (6.0, 3.6)) -> bytes:
@@ -87,7 +78,7 @@ def spec_summary(spec: RunSpec) -> dict[str, Any]:
 
 def training(report: Report, store: Store, run_id: str) -> list[int]:
     """Loss curve and per-checkpoint eval metrics; returns the checkpoint steps."""
-    rows = _jsonl(store, layout.train_metrics_key(run_id))
+    rows = store.get_jsonl(layout.train_metrics_key(run_id), missing_ok=True)
     checkpoints = complete_steps(store, run_id)
     evals = eval_metrics(store, run_id, checkpoints)
     names = sorted({k for e in evals.values() for k, v in e.items() if isinstance(v, float)})
@@ -117,7 +108,7 @@ def training(report: Report, store: Store, run_id: str) -> list[int]:
 
 
 def dynamics(report: Report, store: Store, run_id: str, spec: RunSpec) -> None:
-    rows = _jsonl(store, layout.train_dynamics_key(run_id))
+    rows = store.get_jsonl(layout.train_dynamics_key(run_id), missing_ok=True)
     if not rows:
         report.absent["dynamics"] = (
             f"train/dynamics.jsonl is empty or missing (train.dynamics_every); rerun "

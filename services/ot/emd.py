@@ -24,6 +24,7 @@ def emd_cost(x: Clouds, y: Clouds, *, scale: float | None = None) -> Tensor:
     distances). O(N^3): meant for N up to a few thousand and for checking the others.
     """
     import ot  # POT, in the ot extra and image: imported here so the solver needs only torch
+
     xs, ys = as_clouds(x), as_clouds(y)
     if len(xs) != len(ys):
         raise ValueError(f"x has {len(xs)} clouds and y has {len(ys)}")

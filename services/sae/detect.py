@@ -311,15 +311,11 @@ def _write(
         }
         for a in answers
     ]
-    store.put_text(layout.detect_generations_key(run_id), _jsonl(generations))
+    store.put_jsonl(layout.detect_generations_key(run_id), generations, allow_nan=False)
     tensors, meta = tracks_tensors(answers)
     store.put_tensors(layout.detect_tracks_key(run_id), tensors, metadata=meta)
-    store.put_text(layout.detect_scores_key(run_id), _jsonl(rows))
+    store.put_jsonl(layout.detect_scores_key(run_id), rows, allow_nan=False)
     store.put_json(layout.detect_metrics_key(run_id), metrics)
-
-
-def _jsonl(records: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
 
 
 def tracks_tensors(answers: Sequence[Answer]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -9,7 +9,6 @@ any moment resumes from its last complete checkpoint and ends bit-identical on t
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -32,7 +31,7 @@ from services.trainer.evaluation import evaluate, token_loss_sum
 from services.trainer.quality import trainer_checks
 from shared import layout
 from shared.data import Example, Task, answer_starts, load_task, tokenize_examples
-from shared.errors import ArtifactNotFound, DriftlabError
+from shared.errors import DriftlabError
 from shared.models import (
     ModelError,
     build_model,
@@ -198,16 +197,9 @@ def _resume_source(ctx: StageContext) -> tuple[str, int] | None:
     return run_id, step if step is not None else steps[-1]
 
 
-def _write_jsonl(store: Store, key: str, rows: list[dict[str, Any]]) -> None:
-    store.put_bytes(key, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
-
-
-def _read_jsonl(store: Store, key: str, upto: int) -> list[dict[str, Any]]:
-    try:
-        text = store.get_text(key)
-    except ArtifactNotFound:
-        return []
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+def _rows_upto(store: Store, key: str, upto: int) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines log up to step `upto`: what a resumed run carries on from."""
+    rows = store.get_jsonl(key, missing_ok=True)
     return [r for r in rows if r.get("step", 0) <= upto]
 
 
@@ -272,8 +264,8 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
         if src_run != run_id:
             state.origin, state.spec_digest = f"{src_run}:{src_step}", digest
         log.info("resuming from %s step %d", src_run, src_step)
-    metrics_rows = _read_jsonl(store, layout.train_metrics_key(run_id), state.step)
-    dynamics_rows = _read_jsonl(store, layout.train_dynamics_key(run_id), state.step)
+    metrics_rows = _rows_upto(store, layout.train_metrics_key(run_id), state.step)
+    dynamics_rows = _rows_upto(store, layout.train_dynamics_key(run_id), state.step)
     stream = DataStream(len(train_seqs.ids), t.seed)
     packed = PackedSequences(train_seqs.ids, tokenizer.pad_id, train_seqs.starts)
     ctx.headline.update(params=count_parameters(model), total_steps=schedule.total_steps)
@@ -308,8 +300,8 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
         )
         if not dynamics_rows or dynamics_rows[-1]["step"] != step:
             dynamics_rows.append({"step": step, **dyn})
-        _write_jsonl(store, layout.train_metrics_key(run_id), metrics_rows)
-        _write_jsonl(store, layout.train_dynamics_key(run_id), dynamics_rows)
+        store.put_jsonl(layout.train_metrics_key(run_id), metrics_rows)
+        store.put_jsonl(layout.train_dynamics_key(run_id), dynamics_rows)
         store.put_json(layout.checkpoint_done_key(run_id, step), {"step": step})
         ctx.headline.update({f"final_{k}": v for k, v in step_eval.items()})
         log.info("checkpoint step %d: %s", step, _fmt(step_eval))
