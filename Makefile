@@ -35,7 +35,8 @@ test-slow: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy shared services workflows deploy tests $(wildcard benchmarks/*.py)
+	$(VENV)/bin/mypy cli shared services workflows deploy tests $(wildcard benchmarks/*.py)
+	$(PY) -m pytest -q tests/test_layers.py
 
 format: install
 	$(VENV)/bin/ruff format .

@@ -45,12 +45,12 @@ from typing import Any
 
 import torch
 
-from services.sae.base import SAEConfig, SparseAutoencoder
 from services.sae.batches import Batches, input_scale, place
 from services.sae.buffer import MixingBuffer
 from services.sae.fit import Schedule, fit
-from services.sae.models import build_sae
 from services.sae.stream import Sequences, all_activations, endless_chunks
+from shared.sae.base import SAEConfig, SparseAutoencoder
+from shared.sae.models import build_sae
 
 PUBLISHED = {"ghosttrack_a100": 33_000.0, "saelens_a100": 55_000.0, "goal_h100": 1_000_000.0}
 ARCHS = ("jumprelu", "topk", "relu")

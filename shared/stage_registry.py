@@ -70,6 +70,13 @@ class Stage:
     device: bool = True
 
     @property
+    def status_name(self) -> str:
+        """The status name of a stage of the contract; bookkeeping tasks have none."""
+        if self.status is None:
+            raise ValueError(f"{self.task} is a bookkeeping task: it writes no status")
+        return self.status
+
+    @property
     def program(self) -> str:
         """`python -m <module>`: the name its usage and error lines start with."""
         return f"python -m {self.module}"

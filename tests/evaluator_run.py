@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.sae.artifacts import save_sae
-from services.sae.base import SAEConfig
-from services.sae.models import build_sae
 from shared import layout
+from shared.sae.artifacts import save_sae
+from shared.sae.base import SAEConfig
+from shared.sae.models import build_sae
 from shared.spec import RunSpec, apply_overrides, model_sizes
 from shared.store import Store
 from tests.synthetic_extraction import drifting_clouds, synthetic_run

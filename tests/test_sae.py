@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from services.sae.__main__ import TRAIN
-from services.sae.artifacts import load_sae
-from services.sae.base import SAEConfig, SparseAutoencoder
 from services.sae.batches import Batches, input_scale
 from services.sae.fit import NonFiniteLoss, Schedule, fit
-from services.sae.jumprelu import jumprelu, step
 from services.sae.metrics import ce_recovered, reconstruction_metrics
-from services.sae.models import build_sae
-from services.sae.topk import TopKSAE
 from shared import layout
 from shared.models import build_model, save_model
+from shared.sae.artifacts import load_sae
+from shared.sae.base import SAEConfig, SparseAutoencoder
+from shared.sae.jumprelu import jumprelu, step
+from shared.sae.models import build_sae
+from shared.sae.topk import TopKSAE
 from shared.spec import RunSpec, apply_overrides, parse_spec, spec_to_yaml
 from shared.stage import stage_main
 from shared.store import Store, open_store

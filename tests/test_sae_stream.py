@@ -13,11 +13,9 @@ import torch
 
 from services.extractor.__main__ import EXTRACT
 from services.sae.__main__ import TRAIN
-from services.sae.base import SAEConfig
 from services.sae.batches import Batches, input_scale
 from services.sae.buffer import MixingBuffer
 from services.sae.fit import Schedule, fit
-from services.sae.models import build_sae
 from services.sae.quality import sae_checks
 from services.sae.sources import stream_source
 from services.sae.stream import (
@@ -34,6 +32,8 @@ from shared import hidden, layout
 from shared.data import load_task
 from shared.models import load_model
 from shared.registry import create_run
+from shared.sae.base import SAEConfig
+from shared.sae.models import build_sae
 from shared.spec import RunSpec, SAESpec, apply_overrides, parse_spec, spec_to_yaml
 from shared.stage import stage_main
 from shared.store import open_store

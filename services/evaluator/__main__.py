@@ -32,7 +32,7 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
 
 
 EVALUATE = StageDef(
-    name=stage_registry.EVALUATE.status,
+    name=stage_registry.EVALUATE.status_name,
     help="Score the detector, model training phases, and write the run's report.",
     run="services.evaluator.stage:evaluate",
     done_key=lambda args, spec: layout.evaluate_done_key(args.run),

@@ -123,7 +123,7 @@ def _load_saes(
     if not done:
         command = stage_registry.SAE.command(run_id, store.url)
         return {}, f"no SAE has been trained: run `{command}` for features"
-    from services.sae.artifacts import load_sae
+    from shared.sae.artifacts import load_sae
 
     saes = {layer: load_sae(store, run_id, layer, device).eval() for layer in done}
     return saes, None

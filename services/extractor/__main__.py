@@ -44,7 +44,7 @@ def _fan_out(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[
 
 
 EXTRACT = StageDef(
-    name=stage_registry.EXTRACT.status,
+    name=stage_registry.EXTRACT.status_name,
     help="Store every layer's hidden states for a fixed probe set at each checkpoint.",
     run="services.extractor.extract:extract_step",
     done_key=lambda args, spec: layout.extract_done_key(args.run, args.step),

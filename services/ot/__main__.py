@@ -30,7 +30,7 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
 
 
 OT = StageDef(
-    name=stage_registry.OT.status,
+    name=stage_registry.OT.status_name,
     help="Optimal-transport drift between layers and checkpoints, change points and plots.",
     run="services.ot.stage:run_ot",
     done_key=lambda args, spec: layout.ot_done_key(args.run),

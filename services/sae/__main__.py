@@ -51,7 +51,7 @@ def _fan_out(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[
 
 
 TRAIN = StageDef(
-    name=stage_registry.SAE.status,
+    name=stage_registry.SAE.status_name,
     subcommand=stage_registry.SAE.subcommand,
     help="Train a sparse autoencoder per layer on the extracted hidden states.",
     run="services.sae.train:train_layer",
@@ -83,7 +83,7 @@ def _detect_inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Seq
 
 
 DETECT = StageDef(
-    name=stage_registry.DETECT.status,
+    name=stage_registry.DETECT.status_name,
     subcommand=stage_registry.DETECT.subcommand,
     help="Answer held-out questions, track SAE feature hypotheses and score hallucinations.",
     run="services.sae.detect:run_detect",

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.sae.artifacts import load_sae
 from services.sae.detect_quality import detection_checks
 from services.sae.detector import TEST, TRAIN, best_layer, fit_and_score, split_by_question
 from services.sae.generate import Generation, Sampling, generate
@@ -32,6 +31,7 @@ from shared.auroc import auroc, bootstrap_ci
 from shared.data import Example, Task, load_task, prompt_ids
 from shared.errors import ArtifactNotFound, DriftlabError
 from shared.models import load_model
+from shared.sae.artifacts import load_sae
 from shared.spec import DetectSpec, RunSpec
 from shared.stage import StageContext
 from shared.store import Store

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.sae.base import SparseAutoencoder
+from shared.sae.base import SparseAutoencoder
 
 DECAY_FRACTION = 0.2
 LOSS_PARTS = ("loss", "mse", "sparsity", "aux", "l0")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.sae.base import SparseAutoencoder
+from shared.sae.base import SparseAutoencoder
 
 #: log10 of feature firing frequency: histogram bin edges (rarer firing falls in bin 0).
 DENSITY_EDGES = [x / 2 for x in range(-12, 1)]

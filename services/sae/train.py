@@ -19,17 +19,17 @@ from typing import Any
 
 import torch
 
-from services.sae.artifacts import save_sae
-from services.sae.base import SAEConfig, SparseAutoencoder
 from services.sae.fit import FitSummary, NonFiniteLoss, Schedule, fit
 from services.sae.metrics import ce_recovered, reconstruction_metrics
-from services.sae.models import build_sae
 from services.sae.plan import training_step
 from services.sae.quality import sae_checks
 from services.sae.sources import SAETrainingError, Source, probe_source, stream_source
 from shared.errors import InputMissing
 from shared.hidden import load_index
 from shared.models import load_model
+from shared.sae.artifacts import save_sae
+from shared.sae.base import SAEConfig, SparseAutoencoder
+from shared.sae.models import build_sae
 from shared.spec import SAESpec, model_sizes
 from shared.stage import StageContext
 from shared.telemetry import push_metrics

@@ -36,7 +36,7 @@ def _inputs(args: argparse.Namespace, spec: RunSpec, store: Store) -> Sequence[I
 
 
 TRAIN = StageDef(
-    name=stage_registry.TRAIN.status,
+    name=stage_registry.TRAIN.status_name,
     help="Train (or load) a GPT-2-style model and write checkpoints with training dynamics.",
     run="services.trainer.loop:train",
     done_key=lambda args, spec: layout.train_done_key(args.run),

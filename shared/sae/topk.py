@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from services.sae.base import LossTerms, SAEConfig, SparseAutoencoder
+from shared.sae.base import LossTerms, SAEConfig, SparseAutoencoder
 
 
 class TopKSAE(SparseAutoencoder):

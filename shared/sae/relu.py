@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from services.sae.base import LossTerms, SparseAutoencoder
+from shared.sae.base import LossTerms, SparseAutoencoder
 
 
 class ReLUSAE(SparseAutoencoder):

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from services.sae.models import SparseAutoencoder, from_tensors, metadata
 from shared import layout, stage_registry
 from shared.errors import ArtifactNotFound, InputMissing
+from shared.sae.models import SparseAutoencoder, from_tensors, metadata
 from shared.store import Store
 
 FORMAT = 1

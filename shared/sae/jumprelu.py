@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from services.sae.base import LossTerms, SAEConfig, SparseAutoencoder
+from shared.sae.base import LossTerms, SAEConfig, SparseAutoencoder
 
 
 def _rectangle(z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:

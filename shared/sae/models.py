@@ -12,10 +12,10 @@ import json
 
 import torch
 
-from services.sae.base import LossTerms, SAEConfig, SparseAutoencoder
-from services.sae.jumprelu import JumpReLUSAE
-from services.sae.relu import ReLUSAE
-from services.sae.topk import TopKSAE
+from shared.sae.base import LossTerms, SAEConfig, SparseAutoencoder
+from shared.sae.jumprelu import JumpReLUSAE
+from shared.sae.relu import ReLUSAE
+from shared.sae.topk import TopKSAE
 
 __all__ = ["ARCHS", "LossTerms", "SAEConfig", "SparseAutoencoder", "build_sae", "from_tensors"]
 
