@@ -10,7 +10,8 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 from cli.main import main as cli_main
 from services.evaluator import agreement, detection
 from services.evaluator.__main__ import EVALUATE
-from services.evaluator.report import SECTION_IDS
+from services.evaluator.report import SECTION_IDS, render_html
+from services.evaluator.sections import Report
 from shared import layout
 from shared.auroc import auroc, bootstrap_ci, resampled_aurocs
 from shared.spec import EvaluateSpec
@@ -133,6 +134,23 @@ def test_significant_ot_change_points_test_each_curve_against_its_own_baseline()
         {"step": 300, "curves": ["layer-01"]},
     ]
     assert agreement.significant_ot_change_points({**phases, "depth_only": True}) == []
+
+
+def test_report_page_escapes_what_the_run_wrote():
+    """The run's strings (ids, notes, spec values) are text, never markup, and the
+    explorer's JSON cannot close its script element."""
+    hostile = "</script><b>x</b>&"
+    explorer = {"notes": [hostile], "steps": [0], "layers": [1], "cells": {"0/1": hostile}}
+    report = Report(
+        "run<1>",
+        data={"spec": {"name": hostile}, "explorer": explorer},
+        absent={sid: hostile for sid in SECTION_IDS if sid not in ("spec", "explorer")},
+    )
+    html = render_html(report)
+    assert "<b>" not in html and "run&lt;1&gt;" in html
+    assert html.count("&lt;/script&gt;&lt;b&gt;x&lt;/b&gt;&amp;") == len(SECTION_IDS)
+    data = html[html.index('id="explorer-data">') : html.index("</script>")]
+    assert "</" not in data and "\\u003c/script\\u003e" in data
 
 
 def test_full_report_has_every_section_and_agreeing_phases(store):
