@@ -4,6 +4,9 @@ Both the detect stage (choosing and reporting its detector) and the evaluator (t
 report) rank scores the same way; one implementation keeps their numbers identical.
 Labels are 1 for the positive class (a hallucinated answer) and 0 for the negative one;
 scores are oriented so that higher means more likely positive.
+
+shared/ is in every image and scikit-learn only in the sae and evaluator ones, the two
+stages that call these: `auroc` imports it when called, never at import time.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from numpy.typing import ArrayLike
 
 #: Confidence level of `bootstrap_ci`'s default interval.
 CI_LEVEL = 0.95
+#: Cells (replicates x answers) of one block of `bootstrap_ci`'s draws: ~32 MB of int64.
+_BLOCK_CELLS = 1 << 22
 
 
 def _checked(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -25,28 +30,37 @@ def _checked(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarr
     return y, s
 
 
-def _rank_auroc(y: np.ndarray, s: np.ndarray) -> float:
-    """Mann-Whitney U / (n_pos n_neg), ties counted as one half (midranks)."""
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(s.size, dtype=np.float64)
-    # Midranks: every member of a run of equal scores gets the run's mean rank.
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], s.size]
-    mid = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(mid, ends - starts)
-    u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
 def auroc(labels: ArrayLike, scores: ArrayLike) -> float:
-    """Area under the ROC curve; NaN when one class is absent (it is then undefined)."""
+    """Area under the ROC curve; NaN when one class is absent (it is then undefined, and
+    callers report it rather than fail: a small test split may lack a class)."""
+    from sklearn.metrics import roc_auc_score
+
     y, s = _checked(labels, scores)
-    return _rank_auroc(y, s)
+    if np.unique(y).size < 2:
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def resampled_aurocs(
+    pos: np.ndarray, neg: np.ndarray, pos_draws: np.ndarray, neg_counts: np.ndarray
+) -> np.ndarray:
+    """AUROC of each bootstrap replicate, all replicates at once.
+
+    Row r of `pos_draws` holds the indices into `pos` drawn for replicate r; row r of
+    `neg_counts` how often each of `sorted(neg)` was drawn. A drawn positive of score v
+    wins against the drawn negatives below v and half-wins against those equal to it (the
+    Mann-Whitney count with midranks, what `roc_auc_score` computes), and both counts
+    are differences of the row's cumulative negative counts at v's two sorted positions.
+    """
+    neg_sorted = np.sort(neg)
+    below = np.searchsorted(neg_sorted, pos, side="left")
+    upto = np.searchsorted(neg_sorted, pos, side="right")
+    cum = np.zeros((neg_counts.shape[0], neg.size + 1), dtype=np.int64)
+    np.cumsum(neg_counts, axis=1, out=cum[:, 1:])
+    twice_wins = np.take_along_axis(cum, below[pos_draws], axis=1).sum(axis=1)
+    twice_wins += np.take_along_axis(cum, upto[pos_draws], axis=1).sum(axis=1)
+    result: np.ndarray = twice_wins / (2.0 * pos_draws.shape[1] * neg_counts.sum(axis=1))
+    return result
 
 
 def bootstrap_ci(
@@ -58,20 +72,31 @@ def bootstrap_ci(
 ) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the AUROC, resampling within each class.
 
-    Stratified resampling keeps both classes in every replicate, so no replicate is
-    undefined and the interval is not biased by dropped draws on small test sets. None
-    when there is nothing to resample (no resamples asked for, or a class is absent).
+    scikit-learn has no stratified bootstrap, so it is here. Stratified resampling keeps
+    both classes in every replicate, so no replicate is undefined and the interval is not
+    biased by dropped draws on small test sets. None when there is nothing to resample (no
+    resamples asked for, or a class is absent).
+
+    The replicates' AUROCs come from `resampled_aurocs`, vectorised over replicates, not
+    from `roc_auc_score` per replicate: on 2,000 scores (rounded to 0.1, many ties) x 1,000
+    replicates, best of 3 on two busy cores, `roc_auc_score` in a loop took 6.0 s, a
+    per-replicate numpy midrank AUROC 0.52 s and `resampled_aurocs` 0.10 s, 60 times
+    faster than scikit-learn for the same values (detect draws 1,000 replicates per score
+    by default, the evaluator 200).
     """
     y, s = _checked(labels, scores)
     pos, neg = s[y == 1], s[y == 0]
     if n_resamples <= 0 or pos.size == 0 or neg.size == 0:
         return None
     rng = np.random.default_rng(seed)
-    y_rep = np.r_[np.ones(pos.size, dtype=np.int64), np.zeros(neg.size, dtype=np.int64)]
-    values = np.empty(n_resamples)
-    for i in range(n_resamples):
-        draw = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
-        values[i] = _rank_auroc(y_rep, draw)
+    rows = max(1, _BLOCK_CELLS // s.size)
+    values = []
+    for start in range(0, n_resamples, rows):
+        n = min(rows, n_resamples - start)
+        pos_draws = rng.integers(0, pos.size, (n, pos.size))
+        neg_draws = rng.integers(0, neg.size, (n, neg.size)) + neg.size * np.arange(n)[:, None]
+        neg_counts = np.bincount(neg_draws.ravel(), minlength=n * neg.size).reshape(n, -1)
+        values.append(resampled_aurocs(pos, neg, pos_draws, neg_counts))
     alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(values, [alpha, 1.0 - alpha])
+    low, high = np.quantile(np.concatenate(values), [alpha, 1.0 - alpha])
     return float(low), float(high)

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import (
-    average_precision_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_curve,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from cli.main import main as cli_main
 from services.evaluator import agreement, detection
 from services.evaluator.__main__ import EVALUATE
-from services.evaluator.report import SECTION_IDS
+from services.evaluator.report import SECTION_IDS, render_html
+from services.evaluator.sections import Report
 from shared import layout
-from shared.auroc import auroc, bootstrap_ci
+from shared.auroc import auroc, bootstrap_ci, resampled_aurocs
 from shared.spec import EvaluateSpec
 from shared.stage import stage_main
 from shared.store import open_store
@@ -39,32 +33,50 @@ def _evaluate(store, run_id, *extra):
     return stage_main(EVALUATE, ["--run", run_id, "--store", store.url, "--device", "cpu", *extra])
 
 
-def test_auroc_and_pr_auc_match_sklearn_with_ties():
+def test_auroc_is_undefined_with_one_class_and_checks_its_labels():
     assert auroc(LABELS, SCORES) == pytest.approx(roc_auc_score(LABELS, SCORES), abs=1e-12)
-    ap = detection.average_precision(LABELS, SCORES)
-    assert ap == pytest.approx(average_precision_score(LABELS, SCORES), abs=1e-12)
-    recall, precision = detection.pr_points(LABELS, SCORES)
-    sk_p, sk_r, _ = precision_recall_curve(LABELS, SCORES)
-    # sklearn lists points from the lowest threshold up, with a final (1, 0) point.
-    assert np.allclose(precision[1:], sk_p[:-1][::-1]) and np.allclose(recall[1:], sk_r[:-1][::-1])
+    assert np.isnan(auroc(np.ones(5), np.arange(5.0)))
+    with pytest.raises(ValueError, match=r"0 \(negative\) or 1"):
+        auroc([0, 2], [0.1, 0.2])
 
 
-def test_f1_max_threshold_and_confusion_match_sklearn():
+def test_resampled_aurocs_match_sklearn_weighted_by_the_draws_with_ties():
+    """The vectorised replicates are roc_auc_score with each answer weighted by how often
+    the replicate drew it: ties (rounded scores) count one half, as in sklearn."""
+    pos, neg = SCORES[LABELS == 1], SCORES[LABELS == 0]
+    rng = np.random.default_rng(3)
+    pos_draws = rng.integers(0, pos.size, (5, pos.size))
+    neg_counts = rng.multinomial(neg.size, np.full(neg.size, 1 / neg.size), size=5)
+    values = resampled_aurocs(pos, neg, pos_draws, neg_counts)
+    y = np.r_[np.ones(pos.size), np.zeros(neg.size)]
+    for r in range(5):
+        weights = np.r_[np.bincount(pos_draws[r], minlength=pos.size), neg_counts[r]]
+        expected = roc_auc_score(y, np.r_[pos, np.sort(neg)], sample_weight=weights)
+        assert values[r] == pytest.approx(expected, abs=1e-12)
+
+
+def test_threshold_rules_pick_the_best_distinct_score_and_count_at_or_above_it():
+    candidates = np.unique(SCORES)[::-1]  # high to low: ties go to the highest
+    f1s = [f1_score(LABELS, t <= SCORES) for t in candidates]
     threshold = detection.choose_threshold(LABELS, SCORES, EvaluateSpec(threshold="f1"))
-    assert threshold is not None
-    best = max(f1_score(LABELS, t <= SCORES) for t in np.unique(SCORES))
+    assert threshold is not None and threshold == candidates[int(np.argmax(f1s))]
     counts = detection.confusion(LABELS, SCORES, threshold)
-    assert detection.prf(counts)["f1"] == pytest.approx(best)
-    tn, fp, fn, tp = confusion_matrix(LABELS, threshold <= SCORES).ravel()
-    assert counts == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    flagged = threshold <= SCORES
+    assert counts == {
+        "tp": np.sum(flagged & (LABELS == 1)),
+        "fp": np.sum(flagged & (LABELS == 0)),
+        "tn": np.sum(~flagged & (LABELS == 0)),
+        "fn": np.sum(~flagged & (LABELS == 1)),
+    }
+    assert detection.prf(counts)["f1"] == pytest.approx(max(f1s))
+    youdens = [
+        np.mean(SCORES[LABELS == 1] >= t) - np.mean(SCORES[LABELS == 0] >= t) for t in candidates
+    ]
     youden = detection.choose_threshold(LABELS, SCORES, EvaluateSpec(threshold="youden"))
-    fpr, tpr, _ = roc_curve(LABELS, SCORES)
-    at = detection.confusion(LABELS, SCORES, youden or 0.0)
-    assert at["tp"] / (at["tp"] + at["fn"]) - at["fp"] / (at["fp"] + at["tn"]) == pytest.approx(
-        float(np.max(tpr - fpr))
-    )
+    assert youden == candidates[int(np.argmax(youdens))]
     fixed = EvaluateSpec(threshold="fixed", threshold_value=0.3)
     assert detection.choose_threshold(LABELS, SCORES, fixed) == 0.3
+    assert detection.choose_threshold(np.ones(4), SCORES[:4], EvaluateSpec()) is None
 
 
 def test_bootstrap_ci_contains_estimate_and_narrows_with_data():
@@ -89,6 +101,7 @@ def test_detection_uses_train_threshold_on_test_and_drops_no_answers():
     test = detection.split_scores(rows, "detector", "test")
     assert result["threshold"] == detection.choose_threshold(train.labels, train.values, spec)
     assert result["auroc"] == pytest.approx(roc_auc_score(test.labels, test.values))
+    assert result["pr_auc"] == pytest.approx(average_precision_score(test.labels, test.values))
     n_test = sum(1 for r in rows if r["split"] == "test" and r["label"] != "no-answer")
     assert result["n_test"] == n_test and sum(result["confusion"].values()) == n_test
 
@@ -121,6 +134,23 @@ def test_significant_ot_change_points_test_each_curve_against_its_own_baseline()
         {"step": 300, "curves": ["layer-01"]},
     ]
     assert agreement.significant_ot_change_points({**phases, "depth_only": True}) == []
+
+
+def test_report_page_escapes_what_the_run_wrote():
+    """The run's strings (ids, notes, spec values) are text, never markup, and the
+    explorer's JSON cannot close its script element."""
+    hostile = "</script><b>x</b>&"
+    explorer = {"notes": [hostile], "steps": [0], "layers": [1], "cells": {"0/1": hostile}}
+    report = Report(
+        "run<1>",
+        data={"spec": {"name": hostile}, "explorer": explorer},
+        absent={sid: hostile for sid in SECTION_IDS if sid not in ("spec", "explorer")},
+    )
+    html = render_html(report)
+    assert "<b>" not in html and "run&lt;1&gt;" in html
+    assert html.count("&lt;/script&gt;&lt;b&gt;x&lt;/b&gt;&amp;") == len(SECTION_IDS)
+    data = html[html.index('id="explorer-data">') : html.index("</script>")]
+    assert "</" not in data and "\\u003c/script\\u003e" in data
 
 
 def test_full_report_has_every_section_and_agreeing_phases(store):

@@ -150,11 +150,17 @@ def test_analysis_json_has_the_promised_shape(recovered):
 
 def test_information_criteria_use_the_parameter_count_of_each_covariance_type():
     x = np.random.default_rng(1).normal(size=(40, 4))
-    for cov_type in ("diag", "full", "spherical", "tied"):
+    # 3 states, 4 features: start 2, transitions 6, means 12, then the covariances.
+    covariances = {"diag": 12, "full": 30, "spherical": 3, "tied": 10}
+    for cov_type, n_cov in covariances.items():
         model = GaussianHMM(3, covariance_type=cov_type, n_iter=5, random_state=0).fit(x)
-        assert n_parameters(3, 4, cov_type) == sum(model._get_n_fit_scalars_per_param().values())
-    assert n_parameters(1, 4, "diag") == 8  # one state: no start or transition freedom
-    assert n_parameters(2, 3, "full") == 1 + 2 + 6 + 12
+        n_params = 2 + 6 + 12 + n_cov
+        assert n_parameters(model) == n_params
+        loglik = model.score(x)
+        assert model.aic(x) == pytest.approx(-2 * loglik + 2 * n_params)
+        assert model.bic(x) == pytest.approx(-2 * loglik + n_params * math.log(40))
+    one = GaussianHMM(1, covariance_type="diag", n_iter=5, random_state=0).fit(x)
+    assert n_parameters(one) == 8  # one state: no start or transition freedom
 
 
 def _random_model(cov_type: str, seed: int) -> GaussianHMM:

@@ -16,6 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_curve,
+)
 
 from shared import layout, stage_registry
 from shared.auroc import CI_LEVEL, auroc, bootstrap_ci
@@ -88,53 +94,14 @@ def split_scores(rows: list[dict[str, Any]], name: str, split: str) -> Scores:
     return Scores(np.asarray(labels, dtype=np.int64), np.asarray(values, dtype=np.float64))
 
 
-def curve_counts(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(thresholds, true positives, false positives) at each distinct score, high to low.
-
-    "Positive" means score >= threshold, so each point adds every answer tied at it.
-    """
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]
-    tps = np.cumsum(y)[last]
-    fps = (last + 1) - tps
-    return s[last], tps.astype(np.float64), fps.astype(np.float64)
-
-
-def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    _, tps, fps = curve_counts(labels, scores)
-    return np.r_[0.0, fps / max(fps[-1], 1.0)], np.r_[0.0, tps / max(tps[-1], 1.0)]
-
-
-def pr_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, precision), starting at recall 0 with precision 1 as is customary."""
-    _, tps, fps = curve_counts(labels, scores)
-    precision = tps / (tps + fps)
-    recall = tps / max(tps[-1], 1.0)
-    return np.r_[0.0, recall], np.r_[1.0, precision]
-
-
-def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
-    """PR-AUC as average precision: sum over thresholds of (ΔRecall x Precision), no
-    interpolation (the trapezoid over a PR curve is optimistic)."""
-    if labels.sum() == 0:
-        return float("nan")
-    recall, precision = pr_points(labels, scores)
-    return float(np.sum(np.diff(recall) * precision[1:]))
-
-
 def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
-    predicted = scores >= threshold
-    positive = labels == 1
-    return {
-        "tp": int(np.sum(predicted & positive)),
-        "fp": int(np.sum(predicted & ~positive)),
-        "tn": int(np.sum(~predicted & ~positive)),
-        "fn": int(np.sum(~predicted & positive)),
-    }
+    """Counts at `threshold`, an answer predicted hallucinated when its score is >= it."""
+    tn, fp, fn, tp = confusion_matrix(labels, scores >= threshold, labels=[0, 1]).ravel()
+    return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}
 
 
 def prf(counts: dict[str, int]) -> dict[str, float]:
+    """Precision, recall and F1 from `confusion`'s counts, 0 where undefined."""
     tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -143,18 +110,24 @@ def prf(counts: dict[str, int]) -> dict[str, float]:
 
 
 def choose_threshold(labels: np.ndarray, scores: np.ndarray, spec: EvaluateSpec) -> float | None:
-    """The decision threshold by `evaluate.threshold`; None when the split cannot choose one."""
+    """The decision threshold by `evaluate.threshold`; None when the split cannot choose one.
+
+    Candidates are the distinct scores; of equally good ones the highest wins (the fewest
+    answers flagged).
+    """
     if spec.threshold == "fixed":
         return float(spec.threshold_value)
     if labels.size == 0 or labels.min() == labels.max():
         return None
-    thresholds, tps, fps = curve_counts(labels, scores)
-    n_pos, n_neg = tps[-1], fps[-1]
+    # Every distinct score, high to low, after a first point at +inf that flags nothing.
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
     if spec.threshold == "youden":
-        gain = tps / n_pos - fps / n_neg
+        gain = tpr - fpr
     else:
+        n_pos = int(labels.sum())
+        tps, fps = np.rint(tpr * n_pos), np.rint(fpr * (labels.size - n_pos))
         gain = 2 * tps / (tps + fps + n_pos)  # F1 = 2TP / (2TP + FP + FN)
-    return float(thresholds[int(np.argmax(gain))])
+    return float(thresholds[1:][int(np.argmax(gain[1:]))])
 
 
 def score_metrics(rows: list[dict[str, Any]], name: str, spec: EvaluateSpec) -> dict[str, Any]:
@@ -167,7 +140,7 @@ def score_metrics(rows: list[dict[str, Any]], name: str, spec: EvaluateSpec) -> 
         "n_train": int(train.labels.size),
         "auroc": auroc(test.labels, test.values) if both else None,
         "ci95": bootstrap_ci(test.labels, test.values, spec.bootstrap, spec.seed) if both else None,
-        "pr_auc": average_precision(test.labels, test.values) if both else None,
+        "pr_auc": float(average_precision_score(test.labels, test.values)) if both else None,
         "threshold": threshold,
     }
     if threshold is not None and test.labels.size:
@@ -239,12 +212,12 @@ def _curves_png(rows: list[dict[str, Any]], names: list[str], which: str) -> byt
             continue
         width, alpha = (2.4, 1.0) if name == DETECTOR else (1.2, 0.85)
         if which == "roc":
-            x, y = roc_points(test.labels, test.values)
+            x, y, _ = roc_curve(test.labels, test.values)
             label = f"{name} (AUROC {auroc(test.labels, test.values):.3f})"
             ax.plot(x, y, label=label, linewidth=width, alpha=alpha)
         else:
-            x, y = pr_points(test.labels, test.values)
-            label = f"{name} (AP {average_precision(test.labels, test.values):.3f})"
+            y, x, _ = precision_recall_curve(test.labels, test.values)
+            label = f"{name} (AP {average_precision_score(test.labels, test.values):.3f})"
             ax.step(x, y, where="post", label=label, linewidth=width, alpha=alpha)
     if which == "roc":
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)

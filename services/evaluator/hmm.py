@@ -42,7 +42,6 @@ from services.evaluator.hmm_detour import MIN_RUNS, detour_analysis
 from services.evaluator.hmm_importance import Transition, observed_transitions
 from services.evaluator.hmm_models import (
     fit_best,
-    information_criteria,
     model_from_tensors,
     model_tensors,
     n_parameters,
@@ -181,8 +180,8 @@ def _fit_candidates(
     for k in range(1, spec.max_components + 1):
         model = fit_best(train, k, spec)
         loglik = float(model.score(x, lengths))
-        n_params = n_parameters(k, x.shape[1], spec.cov_type)
-        aic, bic = information_criteria(loglik, n_params, len(x))
+        n_params = n_parameters(model)
+        aic, bic = float(model.aic(x, lengths)), float(model.bic(x, lengths))
         heldout = _heldout_loglik(model, split, runs)
         candidates.append(
             Candidate(k, model, n_params, loglik, heldout, aic, bic, n_params < x.size)

@@ -21,21 +21,13 @@ from services.evaluator.hmm_data import HMMError
 from shared.spec import HMMSpec
 
 
-def n_parameters(n_states: int, n_features: int, cov_type: str) -> int:
-    """Free parameters: start (k-1), transitions k(k-1), means kd, covariances by type."""
-    k, d = n_states, n_features
-    covariances = {
-        "spherical": k,
-        "diag": k * d,
-        "full": k * d * (d + 1) // 2,
-        "tied": d * (d + 1) // 2,
-    }[cov_type]
-    return (k - 1) + k * (k - 1) + k * d + covariances
+def n_parameters(model: GaussianHMM) -> int:
+    """Free parameters: start (k-1), transitions k(k-1), means kd, covariances by type.
 
-
-def information_criteria(loglik: float, n_params: int, n_obs: int) -> tuple[float, float]:
-    """(AIC, BIC) of a fit with log-likelihood `loglik` on `n_obs` observations."""
-    return -2.0 * loglik + 2.0 * n_params, -2.0 * loglik + n_params * math.log(n_obs)
+    hmmlearn's own count, the one its `aic` and `bic` use, so the candidates' n_params
+    and the quality check of parameters per observed value agree with their criteria.
+    """
+    return int(sum(model._get_n_fit_scalars_per_param().values()))
 
 
 @contextlib.contextmanager
