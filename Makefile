@@ -36,7 +36,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy cli shared services workflows deploy tests $(wildcard benchmarks/*.py)
-	$(PY) -m pytest -q tests/test_layers.py
+	$(PY) -m pytest -q tests/unit/test_layers.py
 
 format: install
 	$(VENV)/bin/ruff format .

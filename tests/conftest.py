@@ -1,11 +1,26 @@
-"""Test plumbing: real servers on loopback live in their own fixture modules."""
+"""Shared fixtures. Real servers on loopback live in their own fixture modules; plain values
+and helpers (paths, a stage's environment, a free port) in `tests/support.py`.
+
+Tests are in three folders: `unit/` (one module or command, in process), `stages/` (a
+stage under its contract, on a real store) and `e2e/` (the whole graph through
+`driftlab run`).
+"""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+from shared.store import Store, open_store
+
 pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_pushgateway"]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    """An empty folder store for the test."""
+    return open_store(tmp_path / "store")
 
 
 @pytest.fixture

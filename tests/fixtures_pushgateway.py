@@ -8,7 +8,6 @@ what breaks in production. Tests share one server, so each uses its own run id.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+
+from tests.support import free_port
 
 _BINARIES = ("prometheus-pushgateway", "pushgateway")
 _READY_TIMEOUT_S = 15.0
@@ -52,12 +53,6 @@ class PushgatewayServer:
         return found[0].value
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as resp:
@@ -75,7 +70,7 @@ def pushgateway() -> Iterator[PushgatewayServer]:
             "the Prometheus Pushgateway binary is not installed: "
             "run `apt-get install prometheus-pushgateway` (the telemetry tests need it)"
         )
-    server = PushgatewayServer(f"127.0.0.1:{_free_port()}")
+    server = PushgatewayServer(f"127.0.0.1:{free_port()}")
     # A file, not a pipe: a pipe nobody reads would block the server once full.
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(

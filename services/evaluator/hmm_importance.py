@@ -13,7 +13,7 @@ gradient of log N(x; mu_k, S_k),
 
 This is exact (no autograd needed) and is one [T, k, d] array for a whole run. The reference
 implementation sums over features before differentiating and so reports one scalar per
-transition; here each feature keeps its own component. tests/test_hmm.py checks it against
+transition; here each feature keeps its own component. tests/stages/test_hmm.py checks it against
 finite differences of hmmlearn's own forward-backward posteriors.
 """
 

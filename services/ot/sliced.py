@@ -5,7 +5,7 @@ The cost conventions are the Sinkhorn solver's (`cost.py`: `cost.cost_scale`, cl
 
 Why not POT's ``ot.sliced_wasserstein_distance``: on the same directions (its
 ``projections=``) it gives the same values, squared and divided by the scale (within 2e-7
-relative in float32 and 5e-16 in float64; tests/test_sinkhorn.py checks it), but it projects
+relative in float32 and 5e-16 in float64; tests/unit/test_sinkhorn.py checks it), but it projects
 and sorts both clouds again for every pair, where `sliced_pairs` projects and sorts each
 cloud once. On the demo's shape, 26 clouds x 256 points x 32 dims, all 325 pairs, 256
 directions, one torch thread on a shared 2-core CPU: ours 0.36 s in float32 and 0.49 s in

@@ -23,8 +23,9 @@ from shared.tokenizer import (
     Tokenizer,
     load_tokenizer,
 )
+from tests.support import REFERENCE
 
-GPT2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-tokenizer"
+GPT2_DIR = REFERENCE / "gpt2-tokenizer"
 MIXED = "Hello world! Grüße, naïve café — 東京 🚀\n\ttabs  and  spaces <x>"
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from shared.metrics import GROUPING_LABELS, METRICS, ROWS, UNITS, metric
 from shared.telemetry import progress, push_metrics
-from tests.fixtures_pushgateway import PushgatewayServer, _free_port
+from tests.fixtures_pushgateway import PushgatewayServer
+from tests.support import free_port
 
 _run_ids = (f"t{i}" for i in itertools.count())
 
@@ -271,7 +272,7 @@ def test_unreachable_gateway_warns_once_and_the_loop_completes(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    monkeypatch.setenv("DRIFTLAB_PUSHGATEWAY", f"127.0.0.1:{_free_port()}")  # nobody listens
+    monkeypatch.setenv("DRIFTLAB_PUSHGATEWAY", f"127.0.0.1:{free_port()}")  # nobody listens
     for _ in range(2):
         with progress("train", run_id=_run_id(), total=5) as p:
             for _ in range(5):

@@ -20,9 +20,8 @@ import pytest
 from shared import layout
 from shared.spec import apply_overrides, load_spec, model_sizes, spec_to_yaml
 from shared.store import Store, open_store
+from tests.support import ROOT, TINY_SPEC
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "tiny-cpu.yaml"
 #: configs/tiny-cpu.yaml (what `make demo` runs) with fewer steps and SAE tokens, so the
 #: runs below fit in CI's time; the graph and every stage are the same.
 FASTER = {"train.steps": 40, "sae.tokens": 16384, "ot.bootstrap": 5}
@@ -31,7 +30,7 @@ FASTER = {"train.steps": 40, "sae.tokens": 16384, "ot.bootstrap": 5}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("spec") / "tiny-ci.yaml"
-    spec = apply_overrides(load_spec(DEMO), FASTER)
+    spec = apply_overrides(load_spec(TINY_SPEC), FASTER)
     path.write_text(spec_to_yaml(spec))
     return path
 
@@ -117,10 +116,10 @@ def _assert_the_demo_meets_its_goals(report: dict) -> None:
 
 def _demo_report(tmp_path: Path, seed: int) -> dict:
     """Run configs/tiny-cpu.yaml as shipped (seed 0) or with another seed; its report."""
-    spec = DEMO
+    spec = TINY_SPEC
     if seed != 0:
         spec = tmp_path / f"tiny-cpu-seed-{seed}.yaml"
-        spec.write_text(spec_to_yaml(apply_overrides(load_spec(DEMO), {"run.seed": seed})))
+        spec.write_text(spec_to_yaml(apply_overrides(load_spec(TINY_SPEC), {"run.seed": seed})))
     store_url = str(tmp_path / "store")
     run_id = _run_and_check(store_url, spec)
     return open_store(store_url).get_json(layout.evaluate_report_json_key(run_id))

@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,9 +24,9 @@ from services.ot.options import DEFAULT_TOL
 from services.ot.pairwise import pairwise_drift, sinkhorn_divergence
 from services.ot.sinkhorn import sinkhorn_cost
 from services.ot.sliced import _directions, sliced_pairs, sliced_wasserstein
+from tests.support import ROOT
 
 F64 = torch.float64
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def clouds(n: int, d: int, seed: int, shift: float = 0.0, batch: int | None = None) -> torch.Tensor:

@@ -24,11 +24,10 @@ import yaml
 from deploy import workflow_templates
 from deploy.helm_tool import helm_binary
 from shared import dashboards
+from tests.support import ARGO, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "driftlab"
 KIND_VALUES = CHART / "values-kind.yaml"
-ARGO = ROOT.parent / "shared" / "data" / "argo-workflows-v4.1.2"
 NAMESPACE = "driftlab"
 # Kubernetes versions the core manifests must be valid for: 1.30 and the newest bundled.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())

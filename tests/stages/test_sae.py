@@ -4,7 +4,6 @@ and `python -m services.sae train` follows the stage contract."""
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -28,30 +27,13 @@ from shared.sae.topk import TopKSAE
 from shared.spec import RunSpec, apply_overrides, parse_spec, spec_to_yaml
 from shared.stage import stage_main
 from shared.store import Store, open_store
+from tests.support import ROOT, stage_env
 from tests.synthetic_extraction import synthetic_run
+from tests.synthetic_sae import planted_dictionary
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 VOCAB = 128  # the synthetic probe's token ids are < 97
 D_MODEL = 32  # of the tiny models and synthetic runs (the spec wants n_embd >= ot's PCA)
-
-
-def planted_dictionary(
-    n: int, d: int, m: int, l0: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(tokens [n, d], unit-norm dictionary [m, d], planted mean L0).
-
-    Each token is a sparse nonnegative combination of dictionary rows (each row on with
-    probability l0 / m, coefficient in [0.5, 1.5]) plus a shared offset and a little noise.
-    """
-    g = torch.Generator().manual_seed(seed)
-    dictionary = torch.randn(m, d, generator=g)
-    dictionary /= dictionary.norm(dim=1, keepdim=True)
-    offset = 0.3 * torch.randn(d, generator=g)
-    on = torch.rand(n, m, generator=g) < l0 / m
-    coef = (0.5 + torch.rand(n, m, generator=g)) * on
-    x = coef @ dictionary + offset + 0.01 * torch.randn(n, d, generator=g)
-    return x, dictionary, float(on.sum(1).float().mean())
 
 
 def _fit(x: torch.Tensor, config: SAEConfig, steps: int, lr: float = 3e-3) -> SparseAutoencoder:
@@ -287,13 +269,6 @@ def _run(store: Store, n_tokens: int = 512, overrides: dict | None = None) -> st
     return run_id
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for var in ("ARGO_PROGRESS_FILE", "DRIFTLAB_PUSHGATEWAY"):
-        env.pop(var, None)
-    return env
-
-
 def _command(store: Store, run_id: str, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "services.sae", "train", "--run", run_id, "--store", store.url,
@@ -304,7 +279,11 @@ def _command(store: Store, run_id: str, *extra: str) -> list[str]:
 def _cli(
     store: Store, run_id: str, *extra: str, gateway: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = _env() if gateway is None else {**_env(), "DRIFTLAB_PUSHGATEWAY": gateway}
+    env = (
+        stage_env(OMP_NUM_THREADS="1")
+        if gateway is None
+        else {**stage_env(OMP_NUM_THREADS="1"), "DRIFTLAB_PUSHGATEWAY": gateway}
+    )
     return subprocess.run(
         _command(store, run_id, *extra),
         capture_output=True, text=True, timeout=180, cwd=ROOT, env=env,
@@ -389,7 +368,7 @@ def test_killed_training_reruns_cleanly(tmp_path):
     run_id = _run(store, overrides={"sae.epochs": None, "sae.tokens": 300_000})
     proc = subprocess.Popen(
         _command(store, run_id, "--layer", "1"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=stage_env(OMP_NUM_THREADS="1"),
     )  # fmt: skip
     status_key = layout.status_key(run_id, "sae", "layer-01")
     deadline = time.monotonic() + 120

@@ -21,7 +21,7 @@ import yaml
 from cli import main as cli
 from shared import layout
 from shared.store import open_store
-from tests.test_pipeline import ARGO, ROOT
+from tests.support import ARGO, ROOT
 
 TINY_MODULE = str(ROOT / "workflows" / "tiny_cpu.py")
 

@@ -1,18 +1,16 @@
 """The OT stage on synthetic extractions: `python -m services.ot` as Argo runs it.
 
 The Sinkhorn core's own correctness (POT agreement, S(a, a) = 0, symmetry, reg -> 0,
-translation, sliced ranking) is in tests/test_sinkhorn.py; here: the stage contract, the
+translation, sliced ranking) is in tests/unit/test_sinkhorn.py; here: the stage contract, the
 drift matrices' layout, the planted phase transition, the permutation baseline, the
 reporting conventions of phases.json and the errors a user can meet.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,10 +23,9 @@ from services.ot.stage import quality_checks
 from shared import layout
 from shared.spec import RunSpec, apply_overrides
 from shared.stage import stage_main
-from shared.store import open_store
+from tests.support import ROOT, stage_env
 from tests.synthetic_extraction import drifting_clouds, synthetic_run, write_step
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = [0, 10, 20, 30, 40, 50, 60]
 JUMP_AT = 40
 JUMP = 6.0  # standard deviations: above the resolution of a 48-token cloud
@@ -42,18 +39,11 @@ SPEC = {
 }
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for var in ("ARGO_PROGRESS_FILE", "DRIFTLAB_PUSHGATEWAY"):
-        env.pop(var, None)
-    return env
-
-
 def _ot(store, run_id, *extra):
     return subprocess.run(
         [sys.executable, "-m", "services.ot", "--run", run_id, "--store", store.url, "--device",
          "cpu", *extra],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env(),
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=stage_env(),
     )  # fmt: skip
 
 
@@ -70,11 +60,6 @@ def _run(store, steps=STEPS, **overrides):
         store, spec, steps=steps, n_layers=N_LAYERS, n_tokens=N_TOKENS, d_model=D_MODEL,
         cloud=cloud, eval_metrics=_eval,
     )  # fmt: skip
-
-
-@pytest.fixture
-def store(tmp_path):
-    return open_store(tmp_path / "store")
 
 
 def test_stage_finds_the_planted_jump_and_writes_every_artifact(store):

@@ -38,7 +38,7 @@ from shared.spec import RunSpec, SAESpec, apply_overrides, parse_spec, spec_to_y
 from shared.stage import stage_main
 from shared.store import open_store
 from shared.tokenizer import load_tokenizer
-from tests.test_sae import planted_dictionary
+from tests.synthetic_sae import planted_dictionary
 
 CPU = torch.device("cpu")
 

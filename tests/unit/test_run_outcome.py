@@ -10,12 +10,12 @@ from shared.registry import create_run
 from shared.spec import apply_overrides, load_spec
 from shared.store import open_store
 from shared.telemetry import push_metrics
-from tests.test_pipeline import TINY
+from tests.support import TINY_SPEC
 
 
 def _run_with_checkpoints(tmp_path, steps, **overrides):
     store = open_store(str(tmp_path / "store"))
-    run_id = create_run(store, apply_overrides(load_spec(TINY), overrides))
+    run_id = create_run(store, apply_overrides(load_spec(TINY_SPEC), overrides))
     for step in steps:
         store.put_json(layout.checkpoint_done_key(run_id, step), {})
     store.put_json(
@@ -49,7 +49,7 @@ def test_finish_records_the_outcome_and_clears_only_this_runs_groups(
 ):
     monkeypatch.setenv("DRIFTLAB_PUSHGATEWAY", pushgateway.address)
     store = open_store(str(tmp_path / "store"))
-    spec = load_spec(TINY)
+    spec = load_spec(TINY_SPEC)
     run_id, other = create_run(store, spec), create_run(store, spec)
     for rid in (run_id, other):
         push_metrics("sae", rid, {"driftlab_stage_failed": 0}, shard="layer-01")

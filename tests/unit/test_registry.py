@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +15,7 @@ from shared import layout
 from shared.registry import load_rows, parse_filters, query, select_columns
 from shared.spec import RunSpec, apply_overrides, spec_to_yaml
 from shared.store import open_store
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 
 
 def _add_run(store, run_id, overrides=None, statuses=()):

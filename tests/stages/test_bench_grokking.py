@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +14,7 @@ from services.evaluator import agreement
 from shared import layout
 from shared.store import open_store
 from tests.evaluator_run import JUMP_AT, STEPS, make_run
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +70,12 @@ def test_analyse_two_runs_lines_up_accuracy_drift_and_hmm(bench, tmp_path, capsy
     assert summary["hmm_within_tolerance"] == 2 and summary["grok_steps"] == [JUMP_AT] * 2
 
 
+@pytest.mark.slow
 def test_a_two_seed_sweep_runs_its_workflow_here_two_at_a_time(bench, tmp_path, capsys):
-    """The real stages, as the sweep's Argo workflow runs them: a tiny modular task, small
-    enough for CI, under two seeds at once; then the whole analysis of both."""
+    """The real stages, as the sweep's Argo workflow runs them: a tiny modular task under two
+    seeds at once; then the whole analysis of both. Slow (50 s): the local runner's
+    parallel nested pipelines are in tests/unit/test_local_executor.py, and the e2e tests
+    run the real stages through the graph."""
     sweep = tmp_path / "seeds.yaml"
     sweep.write_text("name: two-seeds\nmethod: grid\nparameters:\n  run.seed: [0, 1]\n")
     sets = {

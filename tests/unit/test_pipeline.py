@@ -1,7 +1,7 @@
 """The Argo graph: schema-valid for every module and profile, stable, GPU placement exact.
 
 Golden files live in tests/golden/workflows/; after an intended change, regenerate them
-with `DRIFTLAB_UPDATE_GOLDEN=1 pytest tests/test_pipeline.py` and review the diff.
+with `DRIFTLAB_UPDATE_GOLDEN=1 pytest tests/unit/test_pipeline.py` and review the diff.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from shared.spec import apply_overrides, load_spec
+from tests.support import ARGO, GOLDEN, ROOT, TINY_SPEC
 from workflows.local.manifest import read_workflow
 from workflows.pipeline import (
     EXIT_HANDLER,
@@ -32,11 +33,8 @@ from workflows.pipeline import (
 )
 from workflows.submit import load_builder
 
-ROOT = Path(__file__).resolve().parent.parent
-ARGO = ROOT.parent / "shared" / "data" / "argo-workflows-v4.1.2"
-GOLDEN = Path(__file__).parent / "golden" / "workflows"
+GOLDEN_WORKFLOWS = GOLDEN / "workflows"
 MODULES = ("tiny_cpu", "gpt2_small", "gpt2_medium", "grokking", "sweep")
-TINY = ROOT / "configs" / "tiny-cpu.yaml"
 _RUN_STAMP = re.compile(r"-\d{8}-\d{6}-[0-9a-f]{6}")
 
 
@@ -89,7 +87,7 @@ def test_every_module_is_valid_and_matches_its_golden_file(
     assert _errors(schema_validator, manifest) == []
     assert _errors(crd_validator, manifest) == []
     text = _RUN_STAMP.sub("-RUNSTAMP", yaml.safe_dump(manifest, sort_keys=False))
-    golden = GOLDEN / f"{module}-{profile}.yaml"
+    golden = GOLDEN_WORKFLOWS / f"{module}-{profile}.yaml"
     if os.environ.get("DRIFTLAB_UPDATE_GOLDEN"):
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_text(text)
@@ -172,7 +170,7 @@ def test_every_pod_is_non_root_with_a_read_only_root_and_a_writable_tmp(
 
 
 def test_templates_carry_the_cluster_contract() -> None:
-    spec = apply_overrides(load_spec(TINY), {"detect.enabled": True})  # every stage
+    spec = apply_overrides(load_spec(TINY_SPEC), {"detect.enabled": True})  # every stage
     manifest = compiled(build_workflow(spec, "gpu", store="s3://bucket/runs", run_id="tiny-1"))
     meta = manifest["metadata"]
     assert meta["name"] == "tiny-1"
@@ -221,14 +219,14 @@ def test_templates_carry_the_cluster_contract() -> None:
 
 
 def test_a_spec_without_detection_has_no_detect_task(schema_validator: Any) -> None:
-    spec = apply_overrides(load_spec(TINY), {"detect.enabled": False})
+    spec = apply_overrides(load_spec(TINY_SPEC), {"detect.enabled": False})
     manifest = compiled(build_workflow(spec, "cpu", store="s3://b", run_id="t-1"))
     assert _errors(schema_validator, manifest) == []
     tasks = {t["name"]: t for t in _templates(manifest)["pipeline"]["dag"]["tasks"]}
     assert "detect" not in tasks
     assert tasks["evaluate"]["depends"] == "ot && sae-train"
     with pytest.raises(WorkflowError, match="a-2 differs"):
-        detecting = apply_overrides(load_spec(TINY), {"detect.enabled": True})
+        detecting = apply_overrides(load_spec(TINY_SPEC), {"detect.enabled": True})
         build_sweep_workflow({"a-1": detecting, "a-2": spec}, "demo", "cpu", store="s3://b")
 
 
@@ -241,14 +239,14 @@ def test_cpu_profile_caps_requests_but_keeps_memory_limits() -> None:
 
 
 def test_sae_layers_follow_the_spec() -> None:
-    spec = load_spec(TINY)
+    spec = load_spec(TINY_SPEC)
     assert sae_layers(spec) == [0, 1]
     assert sae_layers(apply_overrides(spec, {"model.n_layer": 2, "sae.layers": [2, 0]})) == [0, 2]
     assert sae_layers(apply_overrides(spec, {"model.n_layer": 4})) == [0, 1, 2, 3, 4]
 
 
 def test_sweep_workflow_runs_every_run_with_a_parallelism_limit() -> None:
-    spec = load_spec(TINY)
+    spec = load_spec(TINY_SPEC)
     specs = {"a-1": spec, "a-2": apply_overrides(spec, {"run.seed": 3})}
     manifest = compiled(build_sweep_workflow(specs, "demo", "cpu", store="s3://b", parallelism=1))
     sweep = _templates(manifest)["sweep"]
@@ -278,7 +276,7 @@ def test_local_runs_execute_the_gpu_profile_when_pytorch_sees_a_gpu(
     from workflows import commands, local
 
     store = open_store(tmp_path / "store")
-    run_id = create_run(store, load_spec(TINY))
+    run_id = create_run(store, load_spec(TINY_SPEC))
     manifests: list[dict[str, Any]] = []
     monkeypatch.setattr(local, "run_workflow", lambda manifest, **_: manifests.append(manifest))
 

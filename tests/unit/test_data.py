@@ -31,12 +31,11 @@ from shared.data import (
 from shared.errors import DriftlabError
 from shared.spec import DataSpec
 from shared.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from tests.support import REFERENCE, ROOT
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K_DIR = REFERENCE / "gsm8k"
 TINYSTORIES_DIR = REFERENCE / "tinystories"
 GENERATED = ("arithmetic", "modular", "facts")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def needs(path: Path) -> Path:

@@ -12,9 +12,9 @@ from cli.main import main
 from shared import dashboards
 from shared.metrics import BY_NAME, METRICS
 from shared.spec import RunSpec
+from tests.support import ROOT
 from workflows.pipeline import build_workflow, compiled
 
-ROOT = Path(__file__).resolve().parent.parent
 CHECKED_IN = ROOT / dashboards.DEFAULT_OUT
 _NAME = re.compile(r"\b(?:driftlab|argo_workflows)_[a-z0-9_]+")
 

@@ -18,9 +18,9 @@ import pytest
 from packaging.requirements import Requirement
 
 from shared.spec import RunSpec
+from tests.support import ROOT
 from workflows.pipeline import Images, build_workflow, compiled
 
-ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "docker" / "base.Dockerfile"
 REQUIREMENTS = ROOT / "deploy" / "docker" / "requirements.txt"
 SERVICES = ("trainer", "extractor", "ot", "sae", "evaluator")

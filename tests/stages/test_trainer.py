@@ -1,26 +1,26 @@
-"""The trainer, run as Argo runs it: `python -m services.trainer` in a real subprocess."""
+"""The trainer, run as Argo runs it: `python -m services.trainer` in a real subprocess where
+how it runs or dies matters (kills, resumes, torchrun), in process for what it does with
+bad inputs."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from services.trainer.__main__ import TRAIN
 from shared import layout
 from shared.models import load_model
 from shared.registry import create_run
 from shared.spec import RunSpec, apply_overrides
 from shared.steps import complete_steps
-from shared.store import open_store
+from tests.support import ROOT, run_stage_here, stage_env
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = {
     "data.train_samples": 256,
     "data.eval_samples": 16,
@@ -31,13 +31,6 @@ BASE = {
     "train.log_every": 1,
     "train.warmup_steps": 2,
 }
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for var in ("ARGO_PROGRESS_FILE", "DRIFTLAB_PUSHGATEWAY", "WORLD_SIZE", "RANK"):
-        env.pop(var, None)
-    return env
 
 
 def _new_run(store, **overrides):
@@ -52,18 +45,18 @@ def _train(store, run_id, *extra, timeout=300, prefix=()):
         if prefix
         else [sys.executable, "-m", "services.trainer", "--run", run_id, "--store", store.url,
               *extra],
-        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=_env(),
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=stage_env(),
     )  # fmt: skip
+
+
+def _train_here(store, run_id):
+    """The trainer in this process: for what it does with its inputs, not how it dies."""
+    return run_stage_here(TRAIN, ["--run", run_id, "--store", store.url])
 
 
 def _metrics(store, run_id):
     text = store.get_text(layout.train_metrics_key(run_id))
     return [json.loads(line) for line in text.splitlines()]
-
-
-@pytest.fixture
-def store(tmp_path):
-    return open_store(tmp_path / "store")
 
 
 @pytest.mark.parametrize(
@@ -129,7 +122,7 @@ def test_sigkill_and_resume_is_bit_identical(store):
     killed = _new_run(store, **overrides)
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.trainer", "--run", killed, "--store", store.url],
-        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while not store.exists(layout.checkpoint_done_key(killed, 20)):
@@ -200,10 +193,10 @@ def _one_line_failure(proc) -> str:
 
 def test_bad_inputs_are_clear(store, tmp_path):
     run_id = _new_run(store, **{"data.dataset": "text", "data.path": str(tmp_path / "nope.txt")})
-    assert "nope.txt" in _one_line_failure(_train(store, run_id))
+    assert "nope.txt" in _one_line_failure(_train_here(store, run_id))
 
     run_id = _new_run(store, **{"model.vocab_size": 100})
-    assert "vocab_size" in _one_line_failure(_train(store, run_id))
+    assert "vocab_size" in _one_line_failure(_train_here(store, run_id))
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("one story.\n\nanother story.\n\na third one.\n")
@@ -211,22 +204,22 @@ def test_bad_inputs_are_clear(store, tmp_path):
         store, **{"data.dataset": "text", "data.path": str(corpus), "data.loss_on": "answer"}
     )
     assert "data.loss_on answer needs a task with answers" in _one_line_failure(
-        _train(store, run_id)
+        _train_here(store, run_id)
     )
 
     small = _new_run(store, **{"train.steps": 10})
-    assert _train(store, small).returncode == 0
+    assert _train_here(store, small).returncode == 0
     other = _new_run(
         store, **{"model.arch": "custom", "model.n_layer": 1, "model.n_head": 2,
                   "model.n_embd": 32, "train.resume_from": f"{small}:10"}
     )  # fmt: skip
-    assert "another architecture" in _one_line_failure(_train(store, other))
+    assert "another architecture" in _one_line_failure(_train_here(store, other))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(store):
     run_id = _new_run(store, **{"train.learning_rate": 1e6, "train.clip_grad": None,
                                 "train.warmup_steps": 0, "train.steps": 30})  # fmt: skip
-    proc = _train(store, run_id)
+    proc = _train_here(store, run_id)
     line = _one_line_failure(proc)
     assert "loss became" in line and "last good checkpoint is step" in line
     status = store.get_json(layout.status_key(run_id, "train"))
@@ -247,7 +240,7 @@ def test_pretrained_analysis_only_run_writes_step_zero(store, tmp_path):
                   "model.arch": "custom", "model.n_layer": 2, "model.n_head": 2,
                   "model.n_embd": 32, "train.steps": 0}
     )  # fmt: skip
-    proc = _train(store, run_id)
+    proc = _train_here(store, run_id)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert complete_steps(store, run_id) == [0]
     saved = load_model(store, run_id, 0)
@@ -263,4 +256,4 @@ def test_pretrained_analysis_only_run_writes_step_zero(store, tmp_path):
 
     missing = _new_run(store, **{"model.init": "pretrained",
                                  "model.pretrained": str(tmp_path / "absent")})  # fmt: skip
-    assert "cannot load pretrained model" in _one_line_failure(_train(store, missing))
+    assert "cannot load pretrained model" in _one_line_failure(_train_here(store, missing))

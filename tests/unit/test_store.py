@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -32,8 +31,8 @@ from shared.store import (
     open_store,
 )
 from tests.fixtures_s3 import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from tests.support import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
 
 
@@ -405,12 +404,6 @@ def test_bad_s3_settings(
     assert name in str(err.value)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("operation", ["get_bytes", "put_bytes", "list"])
 def test_unreachable_endpoint_fails_within_the_retry_bound(
     s3_store_url: str,
@@ -418,7 +411,7 @@ def test_unreachable_endpoint_fails_within_the_retry_bound(
     caplog: pytest.LogCaptureFixture,
     operation: str,
 ) -> None:
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("DRIFTLAB_S3_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("DRIFTLAB_S3_RETRY_SECONDS", "1.5")
     store = open_store(s3_store_url)

@@ -16,17 +16,11 @@ from shared import layout
 from shared.auroc import auroc, bootstrap_ci, resampled_aurocs
 from shared.spec import EvaluateSpec
 from shared.stage import stage_main
-from shared.store import open_store
 from tests.evaluator_run import STEPS, detection_rows, make_run
 
 RNG = np.random.default_rng(7)
 LABELS = RNG.integers(0, 2, 120)
 SCORES = np.round(LABELS * 0.8 + RNG.normal(size=120), 1)  # rounded: many ties
-
-
-@pytest.fixture
-def store(tmp_path):
-    return open_store(tmp_path / "store")
 
 
 def _evaluate(store, run_id, *extra):

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +25,8 @@ from shared.stage import stage_main
 from shared.steps import extracted_steps
 from shared.store import open_store
 from shared.tokenizer import load_tokenizer
+from tests.support import ROOT, stage_env
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = {
     "data.train_samples": 128,
     "data.eval_samples": 64,
@@ -39,13 +38,6 @@ BASE = {
     "extract.probe_samples": 24,
     "extract.batch_size": 5,
 }
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for var in ("ARGO_PROGRESS_FILE", "DRIFTLAB_PUSHGATEWAY"):
-        env.pop(var, None)
-    return env
 
 
 def _trained_run(store, **overrides) -> str:
@@ -62,7 +54,7 @@ def _extract_cli(store, run_id, *extra, **kwargs):
     return subprocess.run(
         [sys.executable, "-m", "services.extractor", "--run", run_id, "--store", store.url,
          *extra],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env(), **kwargs,
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=stage_env(), **kwargs,
     )  # fmt: skip
 
 
@@ -251,7 +243,7 @@ def test_killed_extraction_resumes_and_matches_a_clean_one(tmp_path):
     status = layout.status_key(run_id, "extract", "step-10")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.extractor", "--run", run_id, "--store", store.url],
-        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -299,7 +291,7 @@ def test_memory_stays_bounded_when_the_probe_grows_tenfold(tmp_path):
         proc = subprocess.run(
             [sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "services.extractor",
              "--run", run_id, "--store", store.url],
-            capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env(), check=True,
+            capture_output=True, text=True, timeout=300, cwd=ROOT, env=stage_env(), check=True,
         )  # fmt: skip
         peaks.append(int(proc.stdout.split()[-1]) * 1024)
         sizes.append(

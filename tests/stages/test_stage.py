@@ -14,9 +14,9 @@ import pytest
 from shared import layout
 from shared.spec import RunSpec, apply_overrides, spec_to_yaml
 from shared.store import open_store
+from tests.support import ROOT
 
 RUN = "toy-20261122-103005-abcdef"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

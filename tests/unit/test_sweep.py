@@ -28,15 +28,14 @@ from shared.sweep import (
     points,
     sweep_from_dict,
 )
+from tests.support import ROOT, TINY_SPEC
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny-cpu.yaml"
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
 def base() -> RunSpec:
-    return load_spec(TINY)
+    return load_spec(TINY_SPEC)
 
 
 def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -303,7 +302,9 @@ def test_bad_sweep_files_are_one_line(tmp_path, text, fragment):
 )
 def test_cli_rejects_bad_sweeps_with_one_line(tmp_path, text, fragment):
     (tmp_path / "bad.yaml").write_text(text)
-    out = _cli("sweep", str(TINY), "bad.yaml", "--store", "st", "--max-runs", "5", cwd=tmp_path)
+    out = _cli(
+        "sweep", str(TINY_SPEC), "bad.yaml", "--store", "st", "--max-runs", "5", cwd=tmp_path
+    )
     assert out.returncode == 2, out.stderr
     assert out.stdout == ""
     assert "Traceback" not in out.stderr
@@ -313,7 +314,7 @@ def test_cli_rejects_bad_sweeps_with_one_line(tmp_path, text, fragment):
 
 
 def test_cli_rejects_a_missing_sweep_file(tmp_path):
-    out = _cli("sweep", str(TINY), "nope.yaml", cwd=tmp_path)
+    out = _cli("sweep", str(TINY_SPEC), "nope.yaml", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr == "driftlab: error: nope.yaml: no such file; check the path " + (
         "(examples are in configs/sweeps/)\n"
@@ -334,7 +335,7 @@ def _write_sweep(path: Path, name: str = "cli-sweep") -> Path:
 def test_cli_registers_runs_listed_by_sweep_name(tmp_path):
     sweep_file = _write_sweep(tmp_path / "s.yaml")
     store_dir = tmp_path / "store"
-    out = _cli("sweep", str(TINY), str(sweep_file), "--store", str(store_dir))
+    out = _cli("sweep", str(TINY_SPEC), str(sweep_file), "--store", str(store_dir))
     assert out.returncode == 0, out.stderr
     run_ids = out.stdout.split()
     assert len(run_ids) == 4 and len(set(run_ids)) == 4
@@ -369,7 +370,7 @@ def test_cli_registers_runs_listed_by_sweep_name(tmp_path):
     specs = [parse_spec(store.get_text(layout.spec_key(r))) for r in run_ids]
     assert [s.train.learning_rate for s in specs] == [1e-4, 1e-4, 1e-3, 1e-3]
 
-    again = _cli("sweep", str(TINY), str(sweep_file), "--store", str(store_dir))
+    again = _cli("sweep", str(TINY_SPEC), str(sweep_file), "--store", str(store_dir))
     assert again.returncode == 2 and again.stdout == ""
     assert "already has 4 run(s) of sweep cli-sweep" in again.stderr
     assert len(load_rows(store)) == 4
@@ -377,7 +378,9 @@ def test_cli_registers_runs_listed_by_sweep_name(tmp_path):
 
 def test_dry_run_prints_the_points_and_writes_nothing(tmp_path):
     sweep_file = _write_sweep(tmp_path / "s.yaml")
-    out = _cli("sweep", str(TINY), str(sweep_file), "--store", str(tmp_path / "st"), "--dry-run")
+    out = _cli(
+        "sweep", str(TINY_SPEC), str(sweep_file), "--store", str(tmp_path / "st"), "--dry-run"
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["sweep_index", "train.learning_rate", "custom.width_mult"]
@@ -392,7 +395,9 @@ def test_dry_run_prints_the_points_and_writes_nothing(tmp_path):
 
 
 def test_dry_run_and_local_exclude_each_other(tmp_path):
-    out = _cli("sweep", str(TINY), str(_write_sweep(tmp_path / "s.yaml")), "--dry-run", "--local")
+    out = _cli(
+        "sweep", str(TINY_SPEC), str(_write_sweep(tmp_path / "s.yaml")), "--dry-run", "--local"
+    )
     assert out.returncode == 2 and "not allowed with argument" in out.stderr
 
 
@@ -458,7 +463,7 @@ def test_local_runs_every_run_in_order_past_a_failure(tmp_path, monkeypatch, cap
     sweep_file = tmp_path / "s.yaml"
     sweep_file.write_text("name: local\nparameters: {run.seed: [0, 1, 2]}\n")
     store_dir = str(tmp_path / "store")
-    code = cli.main(["sweep", str(TINY), str(sweep_file), "--store", store_dir, "--local"])
+    code = cli.main(["sweep", str(TINY_SPEC), str(sweep_file), "--store", store_dir, "--local"])
     out, err = capfd.readouterr()
     assert code == 1
     run_ids = out.split()  # only run ids
@@ -489,7 +494,7 @@ def test_run_local_runs_the_compiled_workflow(tmp_path, monkeypatch, capfd):
         return real(workflow, **kwargs)
 
     monkeypatch.setattr(local, "run_workflow", spy)
-    code = cli.main(["sweep", str(TINY), str(sweep_file), "--store", store_dir, "--local"])
+    code = cli.main(["sweep", str(TINY_SPEC), str(sweep_file), "--store", store_dir, "--local"])
     _, err = capfd.readouterr()
     assert code == 1
     assert ["python", "-m", "services.trainer"] in seen

@@ -1,0 +1,62 @@
+"""What many test modules need and is not a fixture: paths, a stage's environment, a port.
+
+Fixtures live in `tests/conftest.py`; this module holds the plain values and functions they
+and the tests share, so no test module imports another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+#: The repository root: `python -m ...` subprocesses run here.
+ROOT = Path(__file__).resolve().parent.parent
+#: Reference data shared by the team's machines (never copied into the repository).
+REFERENCE = ROOT.parent / "shared" / "data"
+ARGO = REFERENCE / "argo-workflows-v4.1.2"
+#: The demo spec, what `make demo` runs.
+TINY_SPEC = ROOT / "configs" / "tiny-cpu.yaml"
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    """The environment a stage subprocess gets: this checkout importable, and none of the
+    variables that would make it report to a real Argo progress file or Pushgateway, or
+    join a torch.distributed group, leaking in from the machine running the tests."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    for var in ("ARGO_PROGRESS_FILE", "DRIFTLAB_PUSHGATEWAY", "WORLD_SIZE", "RANK"):
+        env.pop(var, None)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on loopback nobody listens on (for a server a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_stage_here(definition: Any, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """A stage's entry point (`stage_main`) run in this process, as a finished process.
+
+    For tests of what a stage does with its inputs (clear errors, the artifacts it writes),
+    where a subprocess only adds seconds of imports; tests of signals, kills and exit
+    codes seen by a parent keep the real subprocess. An exception the stage does not turn
+    into one line propagates and fails the test, as a traceback on stderr would.
+    """
+    from shared.stage import stage_main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = stage_main(definition, argv)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
