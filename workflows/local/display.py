@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 from typing import TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from workflows.local.nodes import FINAL, Node
 
@@ -29,42 +32,42 @@ class LineReporter:
 
 
 class LiveTable:
-    """A table of every task's state, redrawn in place in a terminal."""
+    """A table of every task's state, redrawn in place in a terminal (rich's Live).
+
+    rich fits the table to the terminal's width, so the state and progress columns stay
+    visible at 80 columns (long task names fold instead of pushing them off screen).
+    """
 
     def __init__(self, stream: TextIO, interval_s: float = 0.5) -> None:
-        self.stream = stream
-        self.interval_s = interval_s
         self.nodes: dict[str, Node] = {}
         self.lock = threading.Lock()
-        self.drawn = 0
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
+        self.live = Live(
+            get_renderable=self._table,
+            console=Console(file=stream),
+            refresh_per_second=1 / interval_s,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self.live.start()
 
     def __call__(self, node: Node) -> None:
         with self.lock:
             self.nodes[node.name] = node
 
-    def _loop(self) -> None:
-        while not self.closed.wait(self.interval_s):
-            self.draw()
-
-    def draw(self) -> None:
+    def _table(self) -> Table:
+        table = Table(box=None, pad_edge=False, expand=False)
+        table.add_column("task", overflow="fold", ratio=1)
+        table.add_column("state", no_wrap=True)
+        table.add_column("time", justify="right", no_wrap=True)
+        table.add_column("progress", justify="right", no_wrap=True)
         with self.lock:
-            rows = [
-                f"{n.name[:60]:<60} {n.state.lower():<10} {_seconds(n):>8} {n.progress():>12}"
-                for n in self.nodes.values()
-            ]
-        width = shutil.get_terminal_size().columns
-        out = "\x1b[F\x1b[2K" * self.drawn + "".join(r[:width] + "\n" for r in rows)
-        self.stream.write(out)
-        self.stream.flush()
-        self.drawn = len(rows)
+            nodes = list(self.nodes.values())
+        for node in nodes:
+            table.add_row(node.name, node.state.lower(), _seconds(node), node.progress())
+        return table
 
     def close(self) -> None:
-        self.closed.set()
-        self.thread.join()
-        self.draw()
+        self.live.stop()
 
 
 def _seconds(node: Node) -> str:
