@@ -50,13 +50,19 @@ def run_stage_here(definition: Any, argv: list[str]) -> subprocess.CompletedProc
     codes seen by a parent keep the real subprocess. An exception the stage does not turn
     into one line propagates and fails the test, as a traceback on stderr would.
     """
-    from shared.stage import stage_main
+    from shared import stage_registry
+    from shared.stage import StageDef, stage_main
 
+    first = definition if isinstance(definition, StageDef) else definition[0]
+    try:  # the program name its error lines start with, as `python -m` gives it
+        prog = stage_registry.by_status(first.name).program
+    except KeyError:
+        prog = "stage"
     out, err = io.StringIO(), io.StringIO()
     handler = signal.getsignal(signal.SIGTERM)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = stage_main(definition, argv)
+            code = stage_main(definition, argv, prog=prog)
     finally:
         signal.signal(signal.SIGTERM, handler)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

@@ -25,7 +25,7 @@ from shared.stage import stage_main
 from shared.steps import extracted_steps
 from shared.store import open_store
 from shared.tokenizer import load_tokenizer
-from tests.support import ROOT, stage_env
+from tests.support import ROOT, run_stage_here, stage_env
 
 BASE = {
     "data.train_samples": 128,
@@ -48,6 +48,11 @@ def _trained_run(store, **overrides) -> str:
 
 def _extract(store, run_id, *extra: str) -> int:
     return stage_main(EXTRACT, ["--run", run_id, "--store", store.url, *extra])
+
+
+def _extract_here(store, run_id, *extra):
+    """The extractor in this process, as a finished process: for its error lines."""
+    return run_stage_here(EXTRACT, ["--run", run_id, "--store", store.url, *extra])
 
 
 def _extract_cli(store, run_id, *extra, **kwargs):
@@ -199,7 +204,7 @@ def test_token_policies():
 def test_clear_errors(tmp_path):
     store = open_store(tmp_path / "store")
     run_id = _trained_run(store, **{"train.steps": 0, "extract.probe_samples": 500})
-    proc = _extract_cli(store, run_id)
+    proc = _extract_here(store, run_id)
     assert proc.returncode == 1
     assert _error_lines(proc) == [
         "python -m services.extractor: error: extract.probe_samples is 500 but the eval split "
@@ -208,7 +213,7 @@ def test_clear_errors(tmp_path):
     ]
     assert not store.exists(layout.extract_done_key(run_id, 0))
 
-    proc = _extract_cli(store, run_id, "--step", "5")
+    proc = _extract_here(store, run_id, "--step", "5")
     (line,) = _error_lines(proc)
     assert proc.returncode == 2 and "step-000005/DONE is not there yet" in line
 
