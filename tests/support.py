@@ -12,8 +12,12 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shared.store import Store
 
 #: The repository root: `python -m ...` subprocesses run here.
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,3 +70,12 @@ def run_stage_here(definition: Any, argv: list[str]) -> subprocess.CompletedProc
     finally:
         signal.signal(signal.SIGTERM, handler)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def register_run(store: Store, overrides: Mapping[str, Any] | None = None, base: Any = None) -> str:
+    """Register a run in `store`: `base` (a RunSpec; default every field's default) with the
+    dotted `overrides` applied and validated as `--set` would; returns its run id."""
+    from shared.registry import create_run
+    from shared.spec import RunSpec, apply_overrides
+
+    return create_run(store, apply_overrides(base or RunSpec(), dict(overrides or {})))

@@ -27,10 +27,9 @@ from services.sae.tracking import (
 from services.trainer.__main__ import TRAIN as TRAINER
 from shared import layout
 from shared.auroc import auroc
-from shared.registry import create_run
-from shared.spec import RunSpec, apply_overrides
 from shared.stage import stage_main
 from shared.store import open_store
+from tests.support import register_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -192,7 +191,7 @@ def _args(store, run_id):
 
 
 def _trained(store, overrides):
-    run_id = create_run(store, apply_overrides(RunSpec(), {**TINY, **overrides}))
+    run_id = register_run(store, {**TINY, **overrides})
     assert stage_main(TRAINER, _args(store, run_id)) == 0
     assert stage_main(EXTRACT, _args(store, run_id)) == 0
     return run_id
@@ -207,7 +206,7 @@ def _error_line(capsys) -> str:
 
 def test_clear_errors_missing_checkpoint_missing_sae_one_class(tmp_path, capsys):
     store = open_store(str(tmp_path / "store"))
-    untrained = create_run(store, apply_overrides(RunSpec(), TINY))
+    untrained = register_run(store, TINY)
     assert stage_main([SAE_TRAIN, DETECT], ["detect", *_args(store, untrained)]) != 0
     err = _error_line(capsys)
     assert "no finished checkpoint" in err and "python -m services.trainer" in err

@@ -19,13 +19,12 @@ from services.trainer.__main__ import TRAIN
 from shared import hidden, layout
 from shared.data import load_task
 from shared.models import load_model
-from shared.registry import create_run
 from shared.spec import RunSpec, SpecError, apply_overrides, parse_spec
 from shared.stage import stage_main
 from shared.steps import extracted_steps
 from shared.store import open_store
 from shared.tokenizer import load_tokenizer
-from tests.support import ROOT, run_stage_here, stage_env
+from tests.support import ROOT, register_run, run_stage_here, stage_env
 
 BASE = {
     "data.train_samples": 128,
@@ -41,7 +40,7 @@ BASE = {
 
 
 def _trained_run(store, **overrides) -> str:
-    run_id = create_run(store, apply_overrides(RunSpec(), {**BASE, **overrides}))
+    run_id = register_run(store, {**BASE, **overrides})
     assert stage_main(TRAIN, ["--run", run_id, "--store", store.url]) == 0
     return run_id
 

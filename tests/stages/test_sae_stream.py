@@ -31,13 +31,13 @@ from services.trainer.__main__ import TRAIN as TRAINER
 from shared import hidden, layout
 from shared.data import load_task
 from shared.models import load_model
-from shared.registry import create_run
 from shared.sae.base import SAEConfig
 from shared.sae.models import build_sae
-from shared.spec import RunSpec, SAESpec, apply_overrides, parse_spec, spec_to_yaml
+from shared.spec import SAESpec, apply_overrides, parse_spec, spec_to_yaml
 from shared.stage import stage_main
 from shared.store import open_store
 from shared.tokenizer import load_tokenizer
+from tests.support import register_run
 from tests.synthetic_sae import planted_dictionary
 
 CPU = torch.device("cpu")
@@ -209,7 +209,7 @@ TINY = {
 def tiny_run(tmp_path_factory):
     """A modular run trained briefly, extracted in float32, SAEs trained from the stream."""
     store = open_store(tmp_path_factory.mktemp("stream") / "store")
-    run_id = create_run(store, apply_overrides(RunSpec(), TINY))
+    run_id = register_run(store, TINY)
     args = ["--run", run_id, "--store", store.url, "--device", "cpu"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module fixtures start before the autouse one above

@@ -16,10 +16,8 @@ import torch
 from services.trainer.__main__ import TRAIN
 from shared import layout
 from shared.models import load_model
-from shared.registry import create_run
-from shared.spec import RunSpec, apply_overrides
 from shared.steps import complete_steps
-from tests.support import ROOT, run_stage_here, stage_env
+from tests.support import ROOT, register_run, run_stage_here, stage_env
 
 BASE = {
     "data.train_samples": 256,
@@ -34,8 +32,7 @@ BASE = {
 
 
 def _new_run(store, **overrides):
-    spec = apply_overrides(RunSpec(), {**BASE, **overrides})
-    return create_run(store, spec)
+    return register_run(store, {**BASE, **overrides})
 
 
 def _train(store, run_id, *extra, timeout=300, prefix=()):
@@ -69,7 +66,7 @@ def _metrics(store, run_id):
 )
 def test_loss_falls_and_checkpoints_hold_everything(store, overrides):
     run_id = _new_run(store, **overrides, **{"train.save_gradients": True})
-    proc = _train(store, run_id)
+    proc = _train_here(store, run_id)
     assert proc.returncode == 0, proc.stderr
     rows = _metrics(store, run_id)
     assert [r["step"] for r in rows] == list(range(1, 31))
@@ -109,7 +106,7 @@ def test_loss_falls_and_checkpoints_hold_everything(store, overrides):
     assert status["state"] == "succeeded" and status["headline"]["steps"] == 30
     assert store.exists(layout.train_done_key(run_id))
 
-    cached = _train(store, run_id)
+    cached = _train_here(store, run_id)
     assert cached.returncode == 0
     assert store.get_json(layout.status_key(run_id, "train"))["state"] == "cached"
 
@@ -146,9 +143,9 @@ def test_sigkill_and_resume_is_bit_identical(store):
 
 def test_resume_from_another_run(store):
     first = _new_run(store, **{"train.steps": 20})
-    assert _train(store, first).returncode == 0
+    assert _train_here(store, first).returncode == 0
     second = _new_run(store, **{"train.steps": 30, "train.resume_from": f"{first}:10"})
-    proc = _train(store, second)
+    proc = _train_here(store, second)
     assert proc.returncode == 0, proc.stderr
     state = store.get_json(layout.checkpoint_trainer_state_key(second, 30))
     assert state["origin"] == f"{first}:10"
@@ -160,7 +157,7 @@ def test_resume_from_another_run(store):
 def test_two_processes_on_gloo_match_single_process(store, strategy):
     overrides = {"train.steps": 8, "train.checkpoint_every": 4, "train.batch_size": 8}
     single = _new_run(store, **overrides)
-    assert _train(store, single).returncode == 0
+    assert _train_here(store, single).returncode == 0
     multi = _new_run(store, **overrides, **{"train.strategy": strategy})
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0"]  # fmt: skip
@@ -179,7 +176,7 @@ def test_two_processes_on_gloo_match_single_process(store, strategy):
     assert state["param_names"][0] == "transformer.wte.weight"
     # ...and training continues from them in a single process.
     cont = _new_run(store, **{**overrides, "train.steps": 10, "train.resume_from": f"{multi}:8"})
-    resumed = _train(store, cont)
+    resumed = _train_here(store, cont)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 

@@ -7,15 +7,15 @@ import json
 from cli import main as cli
 from shared import layout
 from shared.registry import create_run
-from shared.spec import apply_overrides, load_spec
+from shared.spec import load_spec
 from shared.store import open_store
 from shared.telemetry import push_metrics
-from tests.support import TINY_SPEC
+from tests.support import TINY_SPEC, register_run
 
 
 def _run_with_checkpoints(tmp_path, steps, **overrides):
     store = open_store(str(tmp_path / "store"))
-    run_id = create_run(store, apply_overrides(load_spec(TINY_SPEC), overrides))
+    run_id = register_run(store, overrides, base=load_spec(TINY_SPEC))
     for step in steps:
         store.put_json(layout.checkpoint_done_key(run_id, step), {})
     store.put_json(
