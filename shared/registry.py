@@ -28,6 +28,7 @@ import yaml
 from shared import layout
 from shared.errors import ArtifactNotFound, DriftlabError
 from shared.store import DEFAULT_STORE_URL, LocalStore, Store, open_store
+from shared.yaml_budget import bounded_load
 
 if TYPE_CHECKING:
     from shared.spec import RunSpec
@@ -120,7 +121,7 @@ class _SpecCache:
 def _parse_flat_spec(data: bytes) -> dict[str, Any]:
     from shared.spec import flatten_spec  # pydantic models are only needed on a cache miss
 
-    spec = yaml.load(data, Loader=_Loader)
+    spec = bounded_load(data, _Loader)  # a stored spec.yaml is input too: under the budget
     if not isinstance(spec, dict):
         raise yaml.YAMLError("spec.yaml is not a mapping")
     return flatten_spec(spec)

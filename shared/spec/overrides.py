@@ -12,6 +12,7 @@ from shared.errors import SpecError
 from shared.spec.errors import unknown_key_message, unwrap_annotation
 from shared.spec.run_spec import SEEDED_SECTIONS, RunSpec, spec_to_dict
 from shared.spec.yaml_io import spec_from_dict
+from shared.yaml_budget import YAMLBudgetError, bounded_load
 
 # Overriding one side of an either/or pair clears the other (a sweep over epochs must not
 # collide with the default steps).
@@ -66,7 +67,9 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise SpecError(f"--set {pair}: expected KEY=VALUE, e.g. train.steps=100")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = bounded_load(value, yaml.SafeLoader)
+        except YAMLBudgetError as err:
+            raise SpecError(f"--set {key.strip()}: the value {err}") from None
         except yaml.YAMLError:
             raise SpecError(f"--set {pair}: the value is not valid YAML") from None
     return out

@@ -17,6 +17,7 @@ from shared.errors import SpecError
 from shared.spec.errors import describe_validation_error
 from shared.spec.fields import one_line, show_value
 from shared.spec.run_spec import SECTIONS, RunSpec, spec_to_dict
+from shared.yaml_budget import YAMLBudgetError, bounded_load
 
 # YAML 1.1 (PyYAML) reads `1e-3` as a string; people mean a number, so both the loader and
 # the dumper (which must quote such strings to round-trip) resolve it as a float.
@@ -111,7 +112,9 @@ def read_yaml_file(
 def parse_yaml(text: str, source: str, *, starter: str) -> Any:
     """Parse YAML `text` in the spec dialect; empty text is an error pointing at `starter`."""
     try:
-        data = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass
+        data = bounded_load(text, _SpecLoader)  # a SafeLoader subclass, under a size budget
+    except YAMLBudgetError as err:
+        raise SpecError(f"{source}: {err}") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

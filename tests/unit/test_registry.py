@@ -184,3 +184,16 @@ def test_create_registers_a_run_and_refuses_a_different_spec(tmp_path):
     again = _cli("create", str(other), "--run", run_id, "--store", store_dir)
     assert again.returncode != 0 and "different spec" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_a_stored_alias_bomb_spec_is_listed_unreadable_at_once(store):
+    """A spec.yaml written into the store by hand is input too: the run is listed, marked,
+    in well under a second, and the other runs are listed as before."""
+    levels = ["a0: &a0 [" + ",".join(["x"] * 9) + "]"]
+    levels += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    store.put_text(layout.spec_key("bomb-run"), "custom:\n  " + "\n  ".join(levels) + "\n")
+    start = time.monotonic()
+    rows = {row["run_id"]: row for row in load_rows(store)}
+    assert time.monotonic() - start < 5
+    assert rows["bomb-run"]["error"] == "unreadable spec.yaml"
+    assert "error" not in rows["lr-small-20261101-120000-aaaaaa"]

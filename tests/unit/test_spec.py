@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -425,3 +426,40 @@ def test_parse_overrides_reads_yaml_values_and_rejects_bad_pairs():
     for bad, words in (("train.steps", "expected KEY=VALUE"), ("x=[1", "not valid YAML")):
         with pytest.raises(SpecError, match=words):
             parse_overrides([bad])
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """`levels` anchors, each a list of nine aliases of the one before: 9^levels values."""
+    lines = ["run: {name: bomb}", "custom:", "  l0: &l0 [" + ",".join(['"lol"'] * 9) + "]"]
+    for i in range(1, levels):
+        lines.append(f"  l{i}: &l{i} [{','.join([f'*l{i - 1}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_once_in_one_line(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb())
+    assert len(path.read_bytes()) < 500  # 9^9 = 387 million values, as written
+    start = time.monotonic()
+    proc = _cli("validate", str(path))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "aliases expand to over 100,000 values" in proc.stderr
+    assert time.monotonic() - start < 10  # minutes and gigabytes before the budget
+    with pytest.raises(SpecError, match="alias bomb"):
+        parse_spec(_alias_bomb(), "bomb.yaml")
+    # A few aliases within the budget still read as before.
+    spec = parse_spec("custom:\n  base: &b {lr: 1}\n  copy: *b\n", "ok.yaml")
+    assert spec.custom == {"base": {"lr": 1}, "copy": {"lr": 1}}
+
+
+def test_a_spec_over_one_megabyte_is_refused(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("run: {name: big}\ncustom:\n  notes: " + "x" * (1 << 20) + "\n")
+    proc = _cli("validate", str(path))
+    assert proc.returncode == 2 and "over the 1,048,576-byte limit" in proc.stderr, proc.stderr
+
+
+def test_a_bomb_in_a_set_value_is_refused():
+    value = _alias_bomb().split("custom:\n", 1)[1].replace("\n  ", ", ").strip()
+    with pytest.raises(SpecError, match="alias bomb"):
+        parse_overrides([f"custom.x={{{value}}}"])
