@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from cli.sweep import add_sweep_parser
 from shared import bookkeeping, dashboard_push, dashboards
-from shared.errors import run_command
+from shared.errors import DriftlabError, SpecError, run_command
 from shared.registry import add_runs_parser, add_store_argument
 from workflows.commands import add_workflow_parsers
 
@@ -20,10 +20,17 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_spec_validate(args: argparse.Namespace) -> int:
+    from shared.memory import NO_MACHINE, check_memory, parse_memory
     from shared.spec import load_spec
 
+    available = NO_MACHINE if args.memory is None else parse_memory(args.memory)
+    where = "any one machine has" if args.memory is None else f"--memory {args.memory}"
     for path in args.specs:
-        load_spec(path)
+        spec = load_spec(path)
+        try:
+            check_memory(spec, available, where=where)
+        except DriftlabError as err:
+            raise SpecError(f"{path}: {err}") from None
         print(f"{path}: ok")
     return 0
 
@@ -105,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec_cmds = spec.add_subparsers(dest="spec_command", metavar="SUBCOMMAND", required=True)
     validate = spec_cmds.add_parser("validate", help="check one or more run specs")
     validate.add_argument("specs", nargs="+", metavar="SPEC", help="run spec YAML file(s)")
+    validate.add_argument(
+        "--memory",
+        metavar="SIZE",
+        help="also refuse a stage whose least memory exceeds SIZE (e.g. 24GiB: the GPU's)",
+    )
     validate.set_defaults(handler=_cmd_spec_validate)
     show = spec_cmds.add_parser("show", help="print the fully resolved spec as YAML")
     show.add_argument("spec", metavar="SPEC", help="run spec YAML file")

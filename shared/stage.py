@@ -27,6 +27,7 @@ from typing import Any
 from shared import layout
 from shared.errors import ArtifactNotFound, DriftlabError, InputMissing
 from shared.log import configure_logging, get_logger
+from shared.memory import check_memory, device_memory
 from shared.quality import QualityCheck, from_status, with_shard
 from shared.spec import RunSpec, parse_spec, section_digest
 from shared.store import DEFAULT_STORE_URL, Store, open_store
@@ -226,6 +227,9 @@ def execute(stage: StageDef, args: argparse.Namespace) -> int:
         return 0
 
     device = resolve_device(args.device)
+    available = device_memory(device)
+    if available is not None:  # before a byte of the stage's work is allocated
+        check_memory(spec, available, [stage.name], where=f"this machine's {device} has")
     # Whatever was there was made from other inputs (or --force): it must not survive a
     # crash of this attempt.
     if is_primary_process():

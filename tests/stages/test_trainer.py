@@ -254,3 +254,13 @@ def test_pretrained_analysis_only_run_writes_step_zero(store, tmp_path):
     missing = _new_run(store, **{"model.init": "pretrained",
                                  "model.pretrained": str(tmp_path / "absent")})  # fmt: skip
     assert "cannot load pretrained model" in _one_line_failure(_train_here(store, missing))
+
+
+def test_a_batch_no_machine_holds_is_refused_before_any_work(store):
+    """train.batch_size: 1e9 used to build a minute of data, then die in an allocator."""
+    run_id = _new_run(store, **{"train.batch_size": 10**9})
+    start = time.monotonic()
+    proc = _train_here(store, run_id)
+    assert proc.returncode == 2 and "train stage needs at least" in _one_line_failure(proc)
+    assert "train.batch_size" in proc.stderr and time.monotonic() - start < 5
+    assert not store.exists(layout.checkpoint_done_key(run_id, 0))

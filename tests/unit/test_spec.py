@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from shared import stage_registry
 from shared.errors import SpecError
+from shared.memory import parse_memory
 from shared.spec import (
     MODEL_PRESETS,
     SECTIONS,
@@ -463,3 +464,33 @@ def test_a_bomb_in_a_set_value_is_refused():
     value = _alias_bomb().split("custom:\n", 1)[1].replace("\n  ", ", ").strip()
     with pytest.raises(SpecError, match="alias bomb"):
         parse_overrides([f"custom.x={{{value}}}"])
+
+
+@pytest.mark.parametrize(
+    ("section", "stage"),
+    [
+        ("model: {arch: custom, n_layer: 100000, n_head: 1, n_embd: 1000000000}", "train"),
+        ("train: {batch_size: 1000000000}", "train"),
+        ("sae: {expansion: 1000000}", "sae"),
+    ],
+)
+def test_absurd_sizes_are_one_line_before_any_work(tmp_path, section, stage):
+    """A size no machine could hold is refused by `spec validate --memory`, and the absurd
+    model size even without it (no machine has a PiB), in one line, in a second."""
+    path = tmp_path / "absurd.yaml"
+    path.write_text(f"run: {{name: absurd}}\n{section}\n")
+    start = time.monotonic()
+    proc = _cli("validate", str(path), "--memory", "24GiB")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"the {stage} stage needs at least" in proc.stderr and "24GiB" in proc.stderr
+    assert time.monotonic() - start < 10
+    assert _cli("validate", "configs/gpt2-medium.yaml", "--memory", "24GiB").returncode == 0
+    if "n_embd: 1000000000" in section:
+        assert "more than any one machine has" in _cli("validate", str(path)).stderr
+
+
+def test_memory_sizes_read_as_people_write_them():
+    assert parse_memory("24GiB") == 24 * 2**30 and parse_memory("80G") == 80 * 10**9
+    assert parse_memory("512Mi") == 512 * 2**20 and parse_memory("1000") == 1000
+    with pytest.raises(SpecError, match="--memory lots"):
+        parse_memory("lots")
