@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from shared import layout
-from shared.errors import ArtifactNotFound, DriftlabError
+from shared.errors import ArtifactNotFound, DriftlabError, StoreError
 from shared.store import DEFAULT_STORE_URL, LocalStore, Store, open_store
 from shared.yaml_budget import bounded_load
 
@@ -149,13 +149,16 @@ def _load_row(store: Store, run_id: str, cache: _SpecCache | None = None) -> Row
     for key in store.list(layout.status_prefix(run_id)):
         if not key.endswith(".json"):
             continue
+        name = key.rsplit("/", 1)[-1][: -len(".json")]
         try:
             status = store.get_json(key)
-        except (ArtifactNotFound, ValueError):
-            continue
+        except ArtifactNotFound:
+            continue  # deleted while listing
+        except StoreError:  # not JSON: one damaged object must not hide the store's runs
+            status = None
         if not isinstance(status, dict):
+            row["error"] = f"damaged status/{name}.json: delete it, or rerun the stage"
             continue
-        name = key.rsplit("/", 1)[-1][: -len(".json")]
         if name == "annotations":
             for k, v in (status.get("values") or {}).items():
                 row[f"annotations.{k}"] = v

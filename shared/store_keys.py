@@ -15,6 +15,10 @@ __all__ = ["IN_FLIGHT_NAME_RE", "validate_key", "validate_prefix"]
 # In-flight local writes are named `.<name>.tmp-<16 hex>`; keys may not look like that.
 IN_FLIGHT_NAME_RE = re.compile(r"^\..*\.tmp-[0-9a-f]{16}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+#: A key segment is a file name in a folder store (Linux's NAME_MAX)...
+MAX_SEGMENT_BYTES = 255
+#: ...and a whole key at most S3's limit, so both stores refuse the same keys, in one line.
+MAX_KEY_BYTES = 1024
 
 
 def validate_key(key: str) -> str:
@@ -41,6 +45,8 @@ def _check_path_like(value: str, what: str, *, allow_trailing_slash: bool) -> No
     problem = None
     if not value:
         problem = "is empty"
+    elif len(value.encode()) > MAX_KEY_BYTES:
+        problem = f"is over {MAX_KEY_BYTES} bytes (S3's limit for a key)"
     elif value.startswith("/"):
         problem = "starts with '/' (keys are relative to the store)"
     elif "\\" in value:
@@ -58,6 +64,8 @@ def _check_path_like(value: str, what: str, *, allow_trailing_slash: bool) -> No
                 problem = f"has a {segment!r} segment"
             elif IN_FLIGHT_NAME_RE.match(segment):
                 problem = f"has a segment {segment!r} reserved for in-flight writes"
+            elif len(segment.encode()) > MAX_SEGMENT_BYTES:
+                problem = f"has a segment of over {MAX_SEGMENT_BYTES} bytes (a file name limit)"
             if problem:
                 break
     if problem:

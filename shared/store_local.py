@@ -70,12 +70,26 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / key
 
+    def _write_path(self, key: str) -> Path:
+        """Where a write or delete of `key` lands, refusing a folder symlinked out of the store.
+
+        Keys cannot climb out (`validate_key`), but a symlink inside the store can point
+        anywhere: writing through it would change files the store does not own.
+        """
+        path = self._path(key)
+        if not path.parent.resolve().is_relative_to(self.root):
+            raise StoreError(
+                f"cannot write {self.url_of(key)}: a folder on its path is a symlink out of "
+                f"the store; remove the link (find {self.root} -type l)"
+            )
+        return path
+
     def _oserror(self, action: str, key: str, exc: OSError) -> StoreError:
         return StoreError(f"cannot {action} {self.url_of(key)}: {exc.strerror or exc}")
 
     def _put_bytes(self, key: str, data: bytes) -> None:
         try:
-            atomic_write(self._path(key), lambda f: f.write(data))
+            atomic_write(self._write_path(key), lambda f: f.write(data))
         except OSError as exc:
             raise self._oserror("write", key, exc) from None
 
@@ -91,7 +105,9 @@ class LocalStore(Store):
     def _put_file(self, key: str, path: Path) -> None:
         try:
             with path.open("rb") as src:
-                atomic_write(self._path(key), lambda f: shutil.copyfileobj(src, f, COPY_CHUNK))
+                atomic_write(
+                    self._write_path(key), lambda f: shutil.copyfileobj(src, f, COPY_CHUNK)
+                )
         except OSError as exc:
             raise self._oserror("write", key, exc) from None
 
@@ -114,7 +130,7 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def _delete(self, key: str) -> None:
-        path = self._path(key)
+        path = self._write_path(key)
         try:
             path.unlink(missing_ok=True)
         except (IsADirectoryError, NotADirectoryError):

@@ -113,9 +113,13 @@ def _short_reason(exc: BaseException) -> str:
 
 
 def _parse_endpoint(endpoint: str) -> tuple[str, bool]:
-    """(host[:port], secure) of an endpoint URL; the scheme decides TLS."""
+    """(host[:port], secure) of an endpoint URL; the scheme decides TLS.
+
+    An endpoint with an '@' is refused without being repeated: what comes before it may be
+    credentials (`KEY:SECRET@host:9000`, a scheme-less mistake, parses as no user at all).
+    """
     parts = urlsplit(endpoint.strip())
-    if parts.username or parts.password:
+    if parts.username or parts.password or "@" in endpoint:
         raise StoreError(
             "DRIFTLAB_S3_ENDPOINT must not contain credentials; "
             "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY instead"

@@ -197,3 +197,11 @@ def test_a_stored_alias_bomb_spec_is_listed_unreadable_at_once(store):
     assert time.monotonic() - start < 5
     assert rows["bomb-run"]["error"] == "unreadable spec.yaml"
     assert "error" not in rows["lr-small-20261101-120000-aaaaaa"]
+
+
+def test_a_damaged_status_marks_its_run_and_hides_no_other(store):
+    store.put_text(layout.status_key("lr-small-20261101-120000-aaaaaa", "train"), "{not json")
+    rows = {row["run_id"]: row for row in load_rows(store)}
+    damaged = rows["lr-small-20261101-120000-aaaaaa"]
+    assert damaged["error"].startswith("damaged status/train.json")
+    assert len(rows) > 1 and all("error" not in r for k, r in rows.items() if r is not damaged)

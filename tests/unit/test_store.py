@@ -250,6 +250,8 @@ BAD_KEYS = [
     "a\x00b",
     "line\nbreak",
     "a/.b.tmp-0123456789abcdef",
+    "runs/" + "x" * 256,  # a segment over the file-name limit
+    "runs/" + "/".join(["x" * 200] * 6),  # a key over S3's 1024 bytes
 ]
 
 
@@ -380,11 +382,15 @@ def test_s3_repr_and_errors_hide_secrets(
     assert repr(store) == f"S3Store(url={s3_store_url!r}, endpoint={store.endpoint!r})"
     for secret in (TEST_ACCESS_KEY, TEST_SECRET_KEY):
         assert secret not in repr(store) and secret not in str(store)
-    monkeypatch.setenv("DRIFTLAB_S3_ENDPOINT", f"http://{TEST_ACCESS_KEY}:{TEST_SECRET_KEY}@h:1")
-    with pytest.raises(StoreError) as err:
-        open_store(s3_store_url)
-    assert "must not contain credentials" in str(err.value)
-    assert TEST_SECRET_KEY not in str(err.value) and TEST_ACCESS_KEY not in str(err.value)
+    for endpoint in (
+        f"http://{TEST_ACCESS_KEY}:{TEST_SECRET_KEY}@h:1",
+        f"{TEST_ACCESS_KEY}:{TEST_SECRET_KEY}@h:9000",  # no scheme: no user to urlsplit
+    ):
+        monkeypatch.setenv("DRIFTLAB_S3_ENDPOINT", endpoint)
+        with pytest.raises(StoreError) as err:
+            open_store(s3_store_url)
+        assert "must not contain credentials" in str(err.value)
+        assert TEST_SECRET_KEY not in str(err.value) and TEST_ACCESS_KEY not in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -540,3 +546,20 @@ def test_corrupt_reads_are_retried_then_reported(canned_s3, tmp_path: Path) -> N
     server.answers[:] = [_s3_object(b"payload", etag="0" * 32), _s3_object(b"payload")]
     server.requests.clear()
     assert store.get_bytes("k") == b"payload"
+
+
+def test_a_folder_symlinked_out_of_a_folder_store_is_not_written_through(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.txt").write_text("keep")
+    store = open_store(tmp_path / "store")
+    store.put_text("runs/r/spec.yaml", "x")
+    (tmp_path / "store" / "runs" / "link").symlink_to(outside, target_is_directory=True)
+    for write in (
+        lambda: store.put_text("runs/link/victim.txt", "overwritten"),
+        lambda: store.delete("runs/link/victim.txt"),
+    ):
+        with pytest.raises(StoreError, match="symlink out of the store"):
+            write()
+    assert (outside / "victim.txt").read_text() == "keep"
+    assert store.get_text("runs/r/spec.yaml") == "x"  # the store's own files still work
