@@ -476,6 +476,8 @@ def create_run(store: Store, spec: RunSpec, run_id: str | None = None) -> str:
     would then claim a spec they never ran. The same spec again is a no-op, so retrying a
     registration is safe. A new id comes from `run.name`; one that happens to be taken
     (two runs in the same second drawing the same 6 hex digits) is simply drawn again.
+    The spec is written only if absent, atomically, so of two registrations of one id with
+    different specs exactly one succeeds and the other is refused.
     """
     from shared.spec import flatten_spec, parse_spec, spec_to_yaml
 
@@ -485,11 +487,9 @@ def create_run(store: Store, spec: RunSpec, run_id: str | None = None) -> str:
         while store.exists(layout.spec_key(run_id)):
             run_id = layout.new_run_id(spec.run.name)
     key = layout.spec_key(run_id)  # validates a given run id
-    try:
-        existing = store.get_bytes(key)
-    except ArtifactNotFound:
-        store.put_text(key, text)
+    if store.put_bytes_if_absent(key, text.encode("utf-8")):  # of racing registrations, one
         return run_id
+    existing = store.get_bytes(key)
     if existing == text.encode("utf-8"):
         return run_id
     try:

@@ -59,6 +59,15 @@ class Store(abc.ABC):
         """Write `data` at `key`; readers see the old or the new object, never a mix."""
         self._put_bytes(validate_key(key), bytes(data))
 
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """Write `data` at `key` only if no object is there; False (nothing written) if one is.
+
+        Atomic on both stores (a hard link on a folder, a conditional `If-None-Match: *`
+        write on S3), so of two writers racing for one key exactly one wins: how a run's
+        spec is registered and how its writer's lease is taken.
+        """
+        return self._put_bytes_if_absent(validate_key(key), bytes(data))
+
     def get_bytes(self, key: str) -> bytes:
         """Read the whole object; missing keys raise `ArtifactNotFound`."""
         return self._get_bytes(validate_key(key))
@@ -183,6 +192,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _put_bytes_if_absent(self, key: str, data: bytes) -> bool: ...
 
     @abc.abstractmethod
     def _get_bytes(self, key: str) -> bytes: ...

@@ -93,6 +93,20 @@ class LocalStore(Store):
         except OSError as exc:
             raise self._oserror("write", key, exc) from None
 
+    def _put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._write_path(key)
+        staged = _temp_sibling(path)
+        try:
+            atomic_write(staged, lambda f: f.write(data))
+            os.link(staged, path)  # fails if `path` exists: no overwrite, no window
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise self._oserror("write", key, exc) from None
+        finally:
+            staged.unlink(missing_ok=True)
+        return True
+
     def _get_bytes(self, key: str) -> bytes:
         try:
             with open(os.path.join(self.root, key), "rb") as f:

@@ -358,6 +358,25 @@ class S3Store(Store):
             ),
         )
 
+    def _put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        from minio.error import S3Error
+
+        self._ensure_bucket()
+
+        def put() -> bool:
+            headers = {"Content-Type": _content_type(key), "If-None-Match": "*"}
+            try:
+                # minio's public put_object turns any other header into user metadata
+                # (x-amz-meta-if-none-match), so the one-part upload it is built on is used.
+                self._client._put_object(self.bucket, self._name(key), data, headers)
+            except S3Error as exc:
+                if exc.code == "PreconditionFailed":  # an object is there: S3 wrote nothing
+                    return False
+                raise
+            return True
+
+        return self._call("write", key, put)
+
     def _put_file(self, key: str, path: Path) -> None:
         self._ensure_bucket()
         try:

@@ -205,3 +205,32 @@ def test_a_damaged_status_marks_its_run_and_hides_no_other(store):
     damaged = rows["lr-small-20261101-120000-aaaaaa"]
     assert damaged["error"].startswith("damaged status/train.json")
     assert len(rows) > 1 and all("error" not in r for k, r in rows.items() if r is not damaged)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_racing_registrations_of_one_id_with_two_specs_one_wins(tmp_path, request, where):
+    """Twenty rounds of two `runs create --run ID` at once with different specs: exactly
+    one succeeds each time and the stored spec is the winner's (15 of 20 both succeeded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shared.registry import RegistryError, create_run
+    from shared.spec import RunSpec, apply_overrides
+
+    url = str(tmp_path / "s") if where == "local" else request.getfixturevalue("s3_store_url")
+    store = open_store(url)
+    specs = [apply_overrides(RunSpec(), {"train.steps": steps}) for steps in (7, 8)]
+
+    def register(run_id: str, spec: RunSpec) -> int | None:
+        try:
+            create_run(store, spec, run_id)
+        except RegistryError:
+            return None
+        return spec.train.steps
+
+    for round_ in range(20):
+        run_id = f"race-{round_}"
+        with ThreadPoolExecutor(2) as pool:
+            winners = [w for w in pool.map(register, [run_id] * 2, specs) if w is not None]
+        assert len(winners) == 1, winners
+        stored = store.get_text(layout.spec_key(run_id))
+        assert f"steps: {winners[0]}" in stored

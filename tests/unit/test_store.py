@@ -563,3 +563,15 @@ def test_a_folder_symlinked_out_of_a_folder_store_is_not_written_through(tmp_pat
             write()
     assert (outside / "victim.txt").read_text() == "keep"
     assert store.get_text("runs/r/spec.yaml") == "x"  # the store's own files still work
+
+
+def test_put_if_absent_lets_exactly_one_of_racing_writers_win(store: Store) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = "runs/r/lease.json"
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: store.put_bytes_if_absent(key, b"%d" % i), range(8)))
+    assert won.count(True) == 1
+    assert store.get_bytes(key) == b"%d" % won.index(True)
+    assert store.put_bytes_if_absent(key, b"later") is False
+    assert store.list("runs/r/") == [key]  # no staging file left behind
