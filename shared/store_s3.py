@@ -360,11 +360,12 @@ class S3Store(Store):
 
     def _put_bytes_if_absent(self, key: str, data: bytes) -> bool:
         from minio.error import S3Error
+        from minio.helpers import DictType
 
         self._ensure_bucket()
 
         def put() -> bool:
-            headers = {"Content-Type": _content_type(key), "If-None-Match": "*"}
+            headers: DictType = {"Content-Type": _content_type(key), "If-None-Match": "*"}
             try:
                 # minio's public put_object turns any other header into user metadata
                 # (x-amz-meta-if-none-match), so the one-part upload it is built on is used.
