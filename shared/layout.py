@@ -74,6 +74,11 @@ def spec_key(run_id: str) -> str:
     return run_prefix(run_id) + "spec.yaml"
 
 
+def lease_key(run_id: str) -> str:
+    """Who writes the run now (shared/lease.py): one writer per run."""
+    return run_prefix(run_id) + "lease.json"
+
+
 def status_prefix(run_id: str) -> str:
     return run_prefix(run_id) + "status/"
 

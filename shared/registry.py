@@ -27,6 +27,7 @@ import yaml
 
 from shared import layout
 from shared.errors import ArtifactNotFound, DriftlabError, StoreError
+from shared.lease import read_lease
 from shared.store import DEFAULT_STORE_URL, LocalStore, Store, open_store
 from shared.yaml_budget import bounded_load
 
@@ -172,6 +173,11 @@ def _load_row(store: Store, run_id: str, cache: _SpecCache | None = None) -> Row
     for stage, shard_states in states.items():
         row[f"stage.{stage}"] = _summarise(shard_states)
     row["state"] = _overall_state(states)
+    if row["state"] == "running":
+        lease = read_lease(store, run_id)
+        if lease is not None and lease.abandoned():
+            # Its writer died mid-stage (a SIGKILL): the stage will never finish by itself.
+            row["state"] = f"stale (last seen {lease.last_seen()})"
     return row
 
 

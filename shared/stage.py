@@ -11,6 +11,7 @@ one object per shard, so fan-out pods never write the same object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import os
@@ -26,6 +27,7 @@ from typing import Any
 
 from shared import layout
 from shared.errors import ArtifactNotFound, DriftlabError, InputMissing
+from shared.lease import ORCHESTRATED_ENV, hold_lease
 from shared.log import configure_logging, get_logger
 from shared.memory import check_memory, device_memory
 from shared.quality import QualityCheck, from_status, with_shard
@@ -348,7 +350,8 @@ def stage_main(
     configure_logging()
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return _execute_all(args.stage_def, args)
+        with _writer_lease(args):
+            return _execute_all(args.stage_def, args)
     except DriftlabError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -358,6 +361,16 @@ def stage_main(
     except Terminated:
         print(f"{parser.prog}: terminated by SIGTERM", file=sys.stderr)
         return 143
+
+
+def _writer_lease(args: argparse.Namespace) -> contextlib.AbstractContextManager[object]:
+    """A stage run by hand holds its run's lease (one writer per run); one a workflow
+    started does not: the workflow's writer holds it, and its fan-out pods run in parallel."""
+    if os.environ.get(ORCHESTRATED_ENV) or not is_primary_process():  # torchrun: rank 0
+        return contextlib.nullcontext()
+    stage: StageDef = args.stage_def
+    run_id = layout.validate_run_id(args.run)
+    return hold_lease(open_store(args.store), run_id, f"the {stage.name} stage run by hand")
 
 
 def _execute_all(stage: StageDef, args: argparse.Namespace) -> int:

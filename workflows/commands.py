@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -51,6 +52,11 @@ def add_workflow_parsers(commands: Any) -> None:
         default="auto",
         help="auto (default): gpu when PyTorch sees a CUDA device here, else cpu; gpu lets "
         "every stage pick its device, cpu keeps them all on the CPU",
+    )
+    run.add_argument(
+        "--steal",
+        action="store_true",
+        help="take over the run from a writer that died (its lease has expired)",
     )
     run.set_defaults(handler=_cmd_run)
 
@@ -109,22 +115,32 @@ def local_profile(choice: LocalProfile) -> Profile:
 
 
 def run_registered(
-    run_id: str, store_url: str, workers: int | None = None, profile: LocalProfile = "auto"
+    run_id: str,
+    store_url: str,
+    workers: int | None = None,
+    profile: LocalProfile = "auto",
+    *,
+    steal: bool = False,
 ) -> RunResult:
-    """Execute the compiled workflow of a registered run here.
+    """Execute the compiled workflow of a registered run here, holding the run's lease.
 
     The spec is read back from the store, so the graph is built from what the stages read.
+    A second writer of the run is refused (`shared.lease`); `steal` takes over the lease of
+    a writer that died.
     """
+    from shared.lease import hold_lease
     from shared.stage import load_run_spec
     from shared.store import open_store
     from workflows.pipeline import Cluster, build_workflow
 
     store_url = _absolute(store_url)
-    spec = load_run_spec(open_store(store_url), run_id)
+    store = open_store(store_url)
+    spec = load_run_spec(store, run_id)
     workflow = build_workflow(
         spec, local_profile(profile), store=store_url, run_id=run_id, cluster=Cluster.local()
     )
-    return _execute_here(workflow, workers)
+    with hold_lease(store, run_id, "driftlab run", steal=steal):
+        return _execute_here(workflow, workers)
 
 
 def run_sweep_registered(
@@ -137,8 +153,10 @@ def run_sweep_registered(
 ) -> RunResult:
     """Execute the compiled sweep workflow of registered runs here, `parallelism` at a time.
 
-    The first failure stops every run, as it stops a single run's workflow.
+    The first failure stops every run, as it stops a single run's workflow. It holds every
+    run's lease.
     """
+    from shared.lease import hold_lease
     from shared.stage import load_run_spec
     from shared.store import open_store
     from workflows.pipeline import Cluster, build_sweep_workflow
@@ -154,7 +172,10 @@ def run_sweep_registered(
         parallelism=parallelism,
         cluster=Cluster.local(),
     )
-    return _execute_here(workflow, workers)
+    with contextlib.ExitStack() as leases:
+        for run_id in run_ids:
+            leases.enter_context(hold_lease(store, run_id, f"the sweep {sweep_name}"))
+        return _execute_here(workflow, workers)
 
 
 def _execute_here(workflow: Workflow, workers: int | None) -> RunResult:
@@ -186,7 +207,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_id = create_run(store, spec, args.run)
     print(run_id, flush=True)
     start = time.monotonic()
-    result = run_registered(run_id, args.store, args.workers, args.profile)
+    result = run_registered(run_id, args.store, args.workers, args.profile, steal=args.steal)
     sys.stdout.write(_timings(result.nodes))
     print(f"total {time.monotonic() - start:.1f}s", flush=True)
     if not result.ok:

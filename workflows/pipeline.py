@@ -62,6 +62,7 @@ from kubernetes.utils import parse_quantity
 
 from shared import layout, stage_registry
 from shared.errors import DriftlabError
+from shared.lease import ORCHESTRATED_ENV
 from shared.spec import ResourcesSpec, RunSpec, sae_layers
 from shared.stage_registry import Stage
 
@@ -336,7 +337,11 @@ def _int_or_string(value: int) -> str:
 
 
 def _env(cluster: Cluster) -> list[Env | SecretEnv]:
-    env: list[Env | SecretEnv] = [Env(name="PYTHONUNBUFFERED", value="1")]
+    env: list[Env | SecretEnv] = [
+        Env(name="PYTHONUNBUFFERED", value="1"),
+        # The workflow is the run's writer: its stages take no lease of their own.
+        Env(name=ORCHESTRATED_ENV, value="1"),
+    ]
     if cluster.s3_endpoint:
         env.append(Env(name="DRIFTLAB_S3_ENDPOINT", value=cluster.s3_endpoint))
     env += [

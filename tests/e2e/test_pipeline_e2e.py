@@ -181,3 +181,29 @@ def test_a_run_killed_during_extraction_resumes_with_finished_stages_cached(tmp_
     statuses = [store.get_json(k) for k in store.list(layout.status_prefix(run_id))]
     stage_states = {s["state"] for s in statuses if s.get("stage") != "workflow"}
     assert stage_states == {"cached"}
+
+
+def test_a_second_driftlab_run_of_one_run_is_refused_at_once(tmp_path, tiny):
+    """Two `driftlab run` of one run id used to both proceed (the trainer ran twice)."""
+    store_url = str(tmp_path / "store")
+    store = open_store(store_url)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cli", "run", str(tiny), "--store", store_url],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert first.stdout is not None
+        run_id = first.stdout.readline().strip()
+        deadline = time.monotonic() + 60
+        while not store.exists(layout.lease_key(run_id)):
+            assert time.monotonic() < deadline and first.poll() is None, "never took the lease"
+            time.sleep(0.1)
+        start = time.monotonic()
+        second = _driftlab("run", str(tiny), "--store", store_url, "--run", run_id)
+        assert second.returncode == 3 and time.monotonic() - start < 30
+        (line,) = [x for x in second.stderr.splitlines() if x.strip()]
+        assert f"run {run_id} is being written by driftlab run" in line
+    finally:
+        first.terminate()
+        first.wait(timeout=120)
+    assert not store.exists(layout.lease_key(run_id))  # released on SIGTERM
