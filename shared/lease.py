@@ -109,6 +109,9 @@ def hold_lease(store: Store, run_id: str, holder: str, *, steal: bool = False) -
     is taken over only with `steal`, which is refused while the lease is still live.
     """
     lease = _take(store, run_id, holder, steal)
+    removed = store.remove_in_flight(layout.run_prefix(run_id))  # a killed writer's leftovers
+    if removed:
+        get_logger("lease", run_id).info("removed %d unfinished temporary files", removed)
     stop = threading.Event()
     renewer = threading.Thread(target=_renew, args=(store, run_id, lease, stop), daemon=True)
     renewer.start()

@@ -94,6 +94,14 @@ class Store(abc.ABC):
         """Sorted keys starting with `prefix` (a plain string prefix, recursive)."""
         return sorted(self._list(validate_prefix(prefix)))
 
+    def remove_in_flight(self, prefix: str) -> int:
+        """Delete the temporary files interrupted writes left under `prefix`; how many.
+
+        Only a run's single writer may call it (`shared.lease` does, on taking the lease):
+        another writer's in-flight file would look the same. S3 has none (a put is atomic).
+        """
+        return self._remove_in_flight(validate_prefix(prefix))
+
     def list_dirs(self, prefix: str) -> builtins.list[str]:
         """Sorted names of the immediate child folders of `prefix` ("" or ending in "/").
 
@@ -216,6 +224,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _list_dirs(self, prefix: str) -> builtins.list[str]: ...
+
+    def _remove_in_flight(self, prefix: str) -> int:
+        return 0
 
     @contextlib.contextmanager
     def _local_copy(self, key: str) -> Iterator[Path]:

@@ -182,6 +182,15 @@ class LocalStore(Store):
                         keys.append(rel + entry.name)
         return keys
 
+    def _remove_in_flight(self, prefix: str) -> int:
+        removed = 0
+        for folder, _, names in os.walk(self.root / prefix):
+            for name in names:
+                if IN_FLIGHT_NAME_RE.match(name):
+                    Path(folder, name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
     def _list_dirs(self, prefix: str) -> list[str]:
         try:
             with os.scandir(self.root / prefix) as entries:

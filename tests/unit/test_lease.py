@@ -103,3 +103,12 @@ def test_driftlab_runs_shows_a_run_whose_writer_died_as_stale(store):
     store.put_text(layout.lease_key(run_id), json.dumps({**gone, "expires_at": time.time() + 60}))
     (row,) = load_rows(store)
     assert row["state"] == "running"  # a live writer elsewhere
+
+
+def test_the_next_writer_removes_what_a_killed_write_left(store):
+    store.put_text("runs/run-e/train/metrics.jsonl", "{}\n")
+    leftover = store.root / "runs" / "run-e" / "train" / ".model.safetensors.tmp-0123456789abcdef"
+    leftover.write_bytes(b"half a file")
+    _hold_once(store, "run-e", "driftlab run")
+    assert not leftover.exists()
+    assert store.list("runs/run-e/") == ["runs/run-e/train/metrics.jsonl"]
