@@ -12,11 +12,12 @@ What is checked, and why there:
   every listed object up to `DIGEST_LIMIT` bytes; a listed DONE marker (a checkpoint's,
   below the trainer's) is followed and its artifacts checked alike. Any mismatch, or a
   marker that is empty, garbage or of another format, counts as not done: the stage redoes
-  the work instead of failing on every rerun. Measured on configs/tiny-cpu.yaml (about 40
-  objects, 14 MB): hashing everything adds well under a second to a fully cached rerun of
-  the local folder store. Above the limit only sizes are compared, because a digest there
-  means reading the whole object, on S3 downloading it: a GPT-2-small run's checkpoints
-  are gigabytes, and a cached rerun must stay a matter of seconds.
+  the work instead of failing on every rerun. Measured on configs/tiny-cpu.yaml in a
+  folder store (about 200 objects, 75 MB): checking every stage's marker, digests
+  included, takes 0.15 s, lost in the noise of a fully cached `driftlab run --run` (9 to
+  11 s before and after, mostly starting 20 processes). Above the limit only sizes are
+  compared, because a digest there means reading the whole object, on S3 downloading it:
+  a GPT-2-small run's checkpoints are gigabytes, and a cached rerun must stay seconds.
 - an input's marker (`shared.stage.input_digests`): sizes only (one stat or HEAD each),
   not followed into nested markers, since the producer checks digests when it runs.
 
