@@ -106,7 +106,8 @@ def test_deleted_checkpoint_done_is_redone_not_cached(trained):
     assert _train(store, run_id) == "cached"
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00{garbage", b'["a list"]'])
+#: Empty, garbage, not an object, and a checkpoint DONE as written before format 2.
+@pytest.mark.parametrize("content", [b"", b"\x00{garbage", b'["a list"]', b'{"step": 20}'])
 @pytest.mark.parametrize("which", ["train", "checkpoint"])
 def test_unreadable_done_counts_as_not_done(trained, which, content):
     store, run_id = trained
@@ -129,7 +130,6 @@ def test_damaged_extraction_is_redone_and_downstream_reruns(trained, tmp_path, m
     assert stage_main(EXTRACT, store_args) == 0
     assert stage_main(TOY, store_args) == 0  # reads extraction step 0
     key = layout.extract_layer_key(run_id, 0, 1)
-    assert key in store.get_json(layout.extract_done_key(run_id, 0))["artifacts"]
     data = store.get_bytes(key)
     store.put_bytes(key, data[: len(data) // 2])
 
@@ -146,6 +146,7 @@ def test_damaged_extraction_is_redone_and_downstream_reruns(trained, tmp_path, m
     }
     assert states == {0: "succeeded", 10: "cached", 20: "cached"}
     assert store.get_bytes(key) == data
+    assert key in store.get_json(layout.extract_done_key(run_id, 0))["artifacts"]
     assert stage_main(TOY, store_args) == 0
     assert work_log.read_text().splitlines() == ["worked", "worked"]  # it reran
 
