@@ -1,10 +1,12 @@
 """The contract every `python -m services.<stage>` follows.
 
 A stage reads the run's spec from the store, checks that the stages it reads from have
-finished (their DONE markers), and skips all work when its own DONE marker already holds
-the digests of the same inputs and spec sections: that is what makes reruns and Argo
-retries cheap and safe. Its DONE marker is written last, so a stage killed halfway leaves
-none and a rerun redoes it. Progress and outcome go to `status/<stage>[-<shard>].json`,
+finished (their DONE markers, and the sizes of the artifacts those list), and skips all
+work when its own DONE marker already holds the digests of the same inputs and spec
+sections and every artifact it lists is still the one the stage wrote (`shared.done`):
+that is what makes reruns and Argo retries cheap and safe, and never a success on damaged
+files. Its DONE marker is written last, so a stage killed halfway leaves none and a rerun
+redoes it. Progress and outcome go to `status/<stage>[-<shard>].json`,
 one object per shard, so fan-out pods never write the same object.
 """
 
@@ -26,6 +28,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared import layout
+from shared.done import (
+    DONE_FORMAT,
+    RecordingStore,
+    check_listed,
+    listed_artifacts,
+    marker_problem,
+    parse_marker,
+)
 from shared.errors import ArtifactNotFound, DriftlabError, InputMissing
 from shared.lease import ORCHESTRATED_ENV, hold_lease
 from shared.log import configure_logging, get_logger
@@ -33,8 +43,6 @@ from shared.memory import check_memory, device_memory
 from shared.quality import QualityCheck, from_status, with_shard
 from shared.spec import RunSpec, parse_spec, section_digest
 from shared.store import DEFAULT_STORE_URL, Store, open_store
-
-DONE_FORMAT = 1
 
 
 class Terminated(BaseException):
@@ -56,7 +64,8 @@ class StageContext:
     stage: str
     run_id: str
     shard: str | None
-    store: Store
+    #: Records what the stage writes, for its DONE marker (`shared.done`).
+    store: RecordingStore
     spec: RunSpec
     args: argparse.Namespace
     device: str
@@ -167,16 +176,30 @@ def load_run_spec(store: Store, run_id: str) -> RunSpec:
 
 
 def input_digests(store: Store, stage: str, inputs: Sequence[Input]) -> dict[str, str]:
-    """Digest of each input's DONE marker; a missing one is a clear InputMissing."""
+    """Digest of each input's DONE marker, after checking the sizes of what it lists.
+
+    A missing, unreadable or damaged input is one InputMissing naming the file and the
+    command that redoes its producer (whose own cache check then sees the damage), never
+    a stage run on damaged inputs. An input marker listing nothing (written before DONE
+    format 2) is taken for its existence, as it always was (see `shared.done`).
+    """
     digests: dict[str, str] = {}
     for item in inputs:
+        url = store.url_of(item.done_key)
         try:
-            digests[item.done_key] = digest_bytes(store.get_bytes(item.done_key))
+            data = store.get_bytes(item.done_key)
         except ArtifactNotFound:
             raise InputMissing(
-                f"{stage}: input {store.url_of(item.done_key)} is not there yet; "
-                f"run `{item.produced_by}` first"
+                f"{stage}: input {url} is not there yet; run `{item.produced_by}` first"
             ) from None
+        marker = parse_marker(data)
+        problem = f"{url} is unreadable (empty or not a JSON object)" if marker is None else None
+        artifacts = None if marker is None else listed_artifacts(marker)
+        if artifacts is not None:
+            problem = check_listed(store, artifacts, digests=False)
+        if problem:
+            raise InputMissing(f"{stage}: input {problem}; run `{item.produced_by}` to redo it")
+        digests[item.done_key] = digest_bytes(data)
     return digests
 
 
@@ -223,7 +246,7 @@ def execute(stage: StageDef, args: argparse.Namespace) -> int:
     done_key = stage.done_key(args, spec)
     status = _StatusWriter(store, run_id, stage.name, shard)
 
-    if not args.force and _is_cached(store, done_key, digests):
+    if not args.force and _is_cached(store, done_key, digests, log):
         status.write("cached", done=done_key, **_earlier_verdicts(store, status.key))
         log.info("cached: %s is up to date", done_key)
         return 0
@@ -237,7 +260,10 @@ def execute(stage: StageDef, args: argparse.Namespace) -> int:
     if is_primary_process():
         store.delete(done_key)
     status.write("running", device=device)
-    ctx = StageContext(stage.name, run_id, shard, store, spec, args, device)
+    recorder = RecordingStore(
+        store, layout.run_prefix(run_id), skip=(layout.status_prefix(run_id),)
+    )
+    ctx = StageContext(stage.name, run_id, shard, recorder, spec, args, device)
     try:
         _resolve(stage.run)(ctx)
     except BaseException as err:
@@ -259,6 +285,7 @@ def execute(stage: StageDef, args: argparse.Namespace) -> int:
         "run_id": run_id,
         "finished_at": _now(),
         **digests,
+        "artifacts": recorder.artifacts(),
     }
     status.write(
         "succeeded", device=device, headline=ctx.headline, done=done_key,
@@ -299,17 +326,27 @@ def _push_verdicts(ctx: StageContext) -> None:
         )  # fmt: skip
 
 
-def _is_cached(store: Store, done_key: str, digests: Mapping[str, Any]) -> bool:
+def _is_cached(store: Store, done_key: str, digests: Mapping[str, Any], log: Any) -> bool:
+    """Same inputs and spec, and every artifact the marker lists intact (`shared.done`).
+
+    A missing marker is plainly not done; one that is unreadable, of an older format or
+    vouching for damaged files is not done either, and the reason is logged with the URL,
+    so the redo that follows is explained rather than silent.
+    """
     try:
-        marker = store.get_json(done_key)
+        marker = parse_marker(store.get_bytes(done_key))
     except ArtifactNotFound:
         return False
-    return (
-        isinstance(marker, dict)
+    if (
+        marker is not None
         and marker.get("format") == DONE_FORMAT
-        and marker.get("inputs") == digests["inputs"]
-        and marker.get("spec") == digests["spec"]
-    )
+        and (marker.get("inputs") != digests["inputs"] or marker.get("spec") != digests["spec"])
+    ):
+        return False  # other inputs or spec: the ordinary redo, nothing to warn about
+    problem = marker_problem(store, done_key, marker)
+    if problem:
+        log.warning("redoing the work: %s", problem)
+    return problem is None
 
 
 def _resolve(run: Callable[[StageContext], None] | str) -> Callable[[StageContext], None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import builtins
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -24,7 +25,19 @@ from shared.store_tensors import read_safetensors, write_safetensors
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Store", "missing_artifact"]
+__all__ = ["COPY_CHUNK", "Store", "file_sha256", "missing_artifact"]
+
+#: Bytes per read when a file or a download is copied or hashed, so no object is held whole.
+COPY_CHUNK = 1024 * 1024
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a local file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def missing_artifact(url: str) -> ArtifactNotFound:
@@ -85,6 +98,17 @@ class Store(abc.ABC):
 
     def exists(self, key: str) -> bool:
         return self._exists(validate_key(key))
+
+    def size(self, key: str) -> int:
+        """Bytes in the object, from metadata alone (a stat, a HEAD): cheap enough to check
+        every artifact a DONE marker lists on every cached rerun. Missing: `ArtifactNotFound`."""
+        return self._size(validate_key(key))
+
+    def sha256(self, key: str) -> str:
+        """Hex sha256 of the object, read in chunks (S3 downloads it to a temp file first)."""
+        validate_key(key)
+        with self._local_copy(key) as path:
+            return file_sha256(path)
 
     def delete(self, key: str) -> None:
         """Remove `key`; a missing key is fine, so cleanups can be retried."""
@@ -215,6 +239,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def _exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def _size(self, key: str) -> int: ...
 
     @abc.abstractmethod
     def _delete(self, key: str) -> None: ...

@@ -16,13 +16,10 @@ from pathlib import Path
 from typing import IO
 
 from shared.errors import StoreError
-from shared.store_base import Store, missing_artifact
+from shared.store_base import COPY_CHUNK, Store, missing_artifact
 from shared.store_keys import IN_FLIGHT_NAME_RE
 
 __all__ = ["COPY_CHUNK", "LocalStore", "atomic_write"]
-
-#: Bytes per read when a file or a download is copied, so no object is held whole.
-COPY_CHUNK = 1024 * 1024
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -142,6 +139,15 @@ class LocalStore(Store):
 
     def _exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def _size(self, key: str) -> int:
+        path = self._path(key)
+        if not path.is_file():
+            raise missing_artifact(self.url_of(key))
+        try:
+            return path.stat().st_size
+        except OSError as exc:
+            raise self._oserror("look up", key, exc) from None
 
     def _delete(self, key: str) -> None:
         path = self._write_path(key)

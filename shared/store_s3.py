@@ -448,6 +448,12 @@ class S3Store(Store):
             return False
         return True
 
+    def _size(self, key: str) -> int:
+        stat = self._call(
+            "look up", key, lambda: self._client.stat_object(self.bucket, self._name(key))
+        )
+        return int(stat.size or 0)
+
     def _delete(self, key: str) -> None:
         try:
             self._call(

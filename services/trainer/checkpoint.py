@@ -3,7 +3,8 @@
 Exact resume needs more than weights: the optimizer moments, the schedule's position,
 every random generator and the position in the data stream. They are stored as
 safetensors (tensors) and JSON (everything else) — never pickle — and the checkpoint's
-DONE marker is written last, so a checkpoint either is complete or does not count.
+DONE marker is written last and lists each file's size and sha256 (`shared.done`), so a
+checkpoint either is complete and intact or does not count.
 """
 
 from __future__ import annotations

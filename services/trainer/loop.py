@@ -31,6 +31,7 @@ from services.trainer.evaluation import evaluate, token_loss_sum
 from services.trainer.quality import trainer_checks
 from shared import layout
 from shared.data import Example, Task, answer_starts, load_task, tokenize_examples
+from shared.done import DONE_FORMAT, RecordingStore, done_problem
 from shared.errors import DriftlabError
 from shared.models import (
     ModelError,
@@ -178,11 +179,8 @@ def _tokenize(task: Task, tokenizer: Tokenizer, data: DataSpec) -> tuple[Sequenc
     return train, split(task.eval)
 
 
-def _resume_source(ctx: StageContext) -> tuple[str, int] | None:
-    """Where to continue from: this run's last complete checkpoint, else train.resume_from."""
-    own = complete_steps(ctx.store, ctx.run_id)
-    if own and not ctx.args.force:
-        return ctx.run_id, own[-1]
+def _origin(ctx: StageContext) -> tuple[str, int] | None:
+    """The other run's checkpoint that train.resume_from continues, if any."""
     point = ctx.spec.train.resume_point()
     if point is None:
         return None
@@ -195,6 +193,40 @@ def _resume_source(ctx: StageContext) -> tuple[str, int] | None:
             + f" in {ctx.store.url} (complete: {steps or 'none'})"
         )
     return run_id, step if step is not None else steps[-1]
+
+
+def _intact_steps(ctx: StageContext, scheduled: set[int], origin: int | None) -> list[int]:
+    """This run's checkpoints to continue from: the scheduled ones (after `origin`) up to
+    the first that is missing or damaged (sizes and digests, `shared.done`).
+
+    Stopping at the first gap, not skipping it, means a checkpoint deleted or truncated in
+    the middle sends training back to the one before it, and everything after is redone
+    rather than trusted; on the CPU the redo is bit-identical.
+    """
+    if ctx.args.force:
+        return []
+    written = complete_steps(ctx.store, ctx.run_id)
+    intact: list[int] = []
+    for step in sorted(s for s in scheduled if origin is None or s > origin):
+        problem = done_problem(ctx.store, layout.checkpoint_done_key(ctx.run_id, step))
+        if problem:
+            if any(w >= step for w in written):  # not merely a checkpoint not reached yet
+                ctx.log.warning("redoing checkpoints from step %d: %s", step, problem)
+            break
+        intact.append(step)
+    return intact
+
+
+def _settle_checkpoints(store: RecordingStore, run_id: str, intact: list[int]) -> None:
+    """Before training continues: the checkpoints it continues from enter this attempt's
+    DONE marker, and the DONE of every later one goes (it is redone, and a crash
+    meanwhile must not leave it counting)."""
+    kept = intact[-1] if intact else -1
+    for step in complete_steps(store, run_id):
+        if step > kept:
+            store.delete(layout.checkpoint_done_key(run_id, step))
+    for step in intact:
+        store.keep(layout.checkpoint_done_key(run_id, step))
 
 
 def _rows_upto(store: Store, key: str, upto: int) -> list[dict[str, Any]]:
@@ -226,10 +258,10 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
         )
     digest = {s: section_digest(spec, s) for s in DIGEST_SECTIONS}
     state = TrainerState(spec_digest=digest)
-    source = _resume_source(ctx)
-    if ctx.args.force and world.primary:
-        for step in complete_steps(store, run_id):
-            store.delete(layout.checkpoint_done_key(run_id, step))
+    schedule = plan(spec, len(train_seqs.ids))
+    origin = _origin(ctx)
+    intact = _intact_steps(ctx, schedule.checkpoint_steps, origin[1] if origin else None)
+    source = (run_id, intact[-1]) if intact else origin
     if source is not None:
         src_run, src_step = source
         check_same_architecture(
@@ -246,7 +278,6 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
     # Parameter names in the optimizer's order (FSDP shards in place, keeping the names).
     name_of = {id(p): n for n, p in model.named_parameters()}
     names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    schedule = plan(spec, len(train_seqs.ids))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, spec, schedule.total_steps)
     )
@@ -264,6 +295,8 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
         if src_run != run_id:
             state.origin, state.spec_digest = f"{src_run}:{src_step}", digest
         log.info("resuming from %s step %d", src_run, src_step)
+    if world.primary:
+        _settle_checkpoints(store, run_id, intact)
     metrics_rows = _rows_upto(store, layout.train_metrics_key(run_id), state.step)
     dynamics_rows = _rows_upto(store, layout.train_dynamics_key(run_id), state.step)
     stream = DataStream(len(train_seqs.ids), t.seed)
@@ -302,7 +335,15 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
             dynamics_rows.append({"step": step, **dyn})
         store.put_jsonl(layout.train_metrics_key(run_id), metrics_rows)
         store.put_jsonl(layout.train_dynamics_key(run_id), dynamics_rows)
-        store.put_json(layout.checkpoint_done_key(run_id, step), {"step": step})
+        # Written last and listing the files above, so it vouches for them (shared.done).
+        store.put_json(
+            layout.checkpoint_done_key(run_id, step),
+            {
+                "format": DONE_FORMAT,
+                "step": step,
+                "artifacts": store.artifacts(layout.checkpoint_prefix(run_id, step)),
+            },
+        )
         ctx.headline.update({f"final_{k}": v for k, v in step_eval.items()})
         log.info("checkpoint step %d: %s", step, _fmt(step_eval))
 

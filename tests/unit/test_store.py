@@ -278,6 +278,16 @@ def test_bad_prefixes_are_rejected(store: Store, prefix: str) -> None:
         store.list_dirs(prefix)
 
 
+def test_size_and_sha256(store: Store) -> None:
+    """What a DONE marker records and a cached rerun checks, alike on both backends."""
+    data = b"driftlab" * 1000
+    store.put_bytes("a/b.bin", data)
+    assert store.size("a/b.bin") == len(data)
+    assert store.sha256("a/b.bin") == hashlib.sha256(data).hexdigest()
+    store.put_bytes("a/empty", b"")
+    assert store.size("a/empty") == 0
+
+
 def test_missing_key_names_the_url(store: Store, tmp_path: Path) -> None:
     key = "runs/r/extract/step-0/layer-00.safetensors"
     url = store.url_of(key)
@@ -286,6 +296,8 @@ def test_missing_key_names_the_url(store: Store, tmp_path: Path) -> None:
         lambda: store.get_json(key),
         lambda: store.get_file(key, tmp_path / "dl" / "x.bin"),
         lambda: store.get_tensors(key),
+        lambda: store.size(key),
+        lambda: store.sha256(key),
     ]
     for read in readers:
         with pytest.raises(ArtifactNotFound) as err:
