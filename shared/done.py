@@ -97,6 +97,15 @@ class RecordingStore(Store):
         self.inner._put_bytes(key, data)
         self._record(key, len(data), hashlib.sha256(data).hexdigest())
 
+    def _put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        written = self.inner._put_bytes_if_absent(key, data)
+        if written:
+            self._record(key, len(data), hashlib.sha256(data).hexdigest())
+        return written
+
+    def _remove_in_flight(self, prefix: str) -> int:
+        return self.inner._remove_in_flight(prefix)
+
     def _put_file(self, key: str, path: Path) -> None:
         size, sha256 = path.stat().st_size, file_sha256(path)
         self.inner._put_file(key, path)
