@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,3 +208,73 @@ def test_a_second_driftlab_run_of_one_run_is_refused_at_once(tmp_path, tiny):
         first.terminate()
         first.wait(timeout=120)
     assert not store.exists(layout.lease_key(run_id))  # released on SIGTERM
+
+
+def _artifact_contents(store: Store, run_id: str) -> dict[str, Any]:
+    """What each artifact the run's DONE markers vouch for holds: a safetensors file's
+    tensors and metadata (its bytes vary with the metadata's key order), another file's
+    sha256; not the report (its HTML and JSON carry timings), the logs or the nested DONE
+    markers (wall-clock times)."""
+    prefix = layout.run_prefix(run_id)
+    contents: dict[str, Any] = {}
+    for key in store.list(prefix):
+        if not key.endswith("/DONE") or "/evaluate/" in key:
+            continue
+        for name, artifact in store.get_json(key).get("artifacts", {}).items():
+            if name.endswith(("/DONE", ".jsonl", ".json", ".png", ".svg", ".html")):
+                continue
+            if name.endswith(".safetensors"):
+                tensors, meta = store.get_tensors(name)
+                contents[name.removeprefix(prefix)] = (
+                    {k: v.numpy().tobytes() for k, v in sorted(tensors.items())},
+                    dict(sorted(meta.items())),
+                )
+            else:
+                contents[name.removeprefix(prefix)] = artifact["sha256"]
+    return contents
+
+
+def _stage_processes(run_id: str) -> list[int]:
+    """Processes of this machine whose command line names the run."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if run_id.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_driftlab_run_killed_at_random_moments_reruns_to_the_same_artifacts(tmp_path, tiny):
+    """SIGKILL of `driftlab run` at 20 random moments: each time no stage outlives it, and
+    the rerun ends with artifacts byte-identical to an uninterrupted run's."""
+    import random
+
+    reference = str(tmp_path / "reference")
+    start = time.monotonic()
+    run_id = _run_and_check(reference, tiny)  # every store below reuses the id: files
+    want = _artifact_contents(open_store(reference), run_id)  # that name it compare equal
+    seconds = time.monotonic() - start
+    assert any(k.startswith("train/checkpoints/") for k in want)
+    assert any(k.startswith("sae/") for k in want) and any(k.startswith("extract/") for k in want)
+    rng = random.Random(0)
+    for seed in range(int(os.environ.get("DRIFTLAB_FAULT_SEEDS", "20"))):
+        store_url = str(tmp_path / f"killed-{seed}")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "run", str(tiny), "--store", store_url, "--run",
+             run_id], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        )  # fmt: skip
+        time.sleep(rng.uniform(1.0, seconds))
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while _stage_processes(run_id) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _stage_processes(run_id) == [], f"seed {seed}: a stage outlived driftlab run"
+        rerun = _driftlab("run", str(tiny), "--store", store_url, "--run", run_id)
+        assert rerun.returncode == 0, (seed, rerun.stderr[-2000:])
+        got = _artifact_contents(open_store(store_url), run_id)
+        differ = sorted(k for k in want.keys() | got.keys() if got.get(k) != want.get(k))
+        assert differ == [], f"seed {seed}: these differ from the uninterrupted run: {differ}"
