@@ -24,9 +24,11 @@ object per layer: samples/s, wall and CPU seconds of training from a stored floa
 which its producer thread refills during the timed steps (the data set holds several
 buffers), and their ratios (goal on a CPU: >= 0.8): `ratio` of samples/s, `cpu_ratio` of
 CPU seconds (every thread's: the forward passes cost CPU even where the thread hides them
-from the wall clock on a second core). Streaming costs one forward pass up to the layer per
-training sample, so the CPU ratio falls with depth and with the model's size relative to
-the SAE's.
+from the wall clock on a second core), for each `--stream-dtype` of the forward pass
+(`sae.stream_dtype`; float32 and bfloat16 by default); each side is the fastest of
+`--repeats` alternating runs, so a neighbour's burst on a shared machine slows one run
+rather than one side. Streaming costs one forward pass up to the layer per training
+sample, so the CPU ratio falls with depth and with the model's size relative to the SAE's.
 
 Imports only torch and the service's model code (`--stream` also needs transformers), so it
 runs on a bare GPU machine.
@@ -48,7 +50,7 @@ import torch
 from services.sae.batches import Batches, input_scale, place
 from services.sae.buffer import MixingBuffer
 from services.sae.fit import Schedule, fit
-from services.sae.stream import Sequences, all_activations, endless_chunks
+from services.sae.stream import Sequences, all_activations, endless_chunks, generating_model
 from shared.sae.base import SAEConfig, SparseAutoencoder
 from shared.sae.models import build_sae
 
@@ -153,6 +155,50 @@ def _timed(sae: SparseAutoencoder, batches: Any, args: argparse.Namespace) -> di
     }
 
 
+def _best(runs: list[dict[str, float]]) -> dict[str, float]:
+    return max(runs, key=lambda run: run["samples_per_second"])
+
+
+def _layer_cases(
+    args: argparse.Namespace, model: Any, layer: int, seqs: Sequences, stored_seqs: Sequences
+) -> list[dict[str, Any]]:
+    """One record per stream dtype: the stored tensor against the stream at `layer`."""
+    device = torch.device(args.device)
+    stored = place(all_activations(model, layer, stored_seqs).to(torch.float16), device)
+    rows = torch.arange(len(stored))
+    scale, mean = input_scale(stored, rows)
+
+    def fresh_sae() -> SparseAutoencoder:
+        sae = _sae("jumprelu", args.d_in, args.d_in * args.expansion, args.k).to(device)
+        sae.init_from_data(mean.to(device), scale)
+        return sae
+
+    def tensor_run() -> dict[str, float]:
+        batches = Batches(stored, rows, args.batch, device, scale, seed=0)
+        return _timed(fresh_sae(), batches, args)
+
+    def stream_run(dtype: str) -> dict[str, float]:
+        generator = generating_model(model, dtype)
+        chunks = endless_chunks(generator, layer, seqs, args.buffer // 4, seed=0)
+        buffer = MixingBuffer(chunks, args.buffer, args.batch, seed=0)
+        return _timed(fresh_sae(), buffer.batches(scale), args)
+
+    # alternating repeats, the fastest of each kept: a neighbour's burst on a shared
+    # machine then slows one repeat, not one side of the comparison
+    tensor: list[dict[str, float]] = []
+    streamed: dict[str, list[dict[str, float]]] = {d: [] for d in args.stream_dtype}
+    for _ in range(args.repeats):
+        tensor.append(tensor_run())
+        for dtype in args.stream_dtype:
+            streamed[dtype].append(stream_run(dtype))
+    records = []
+    for dtype in args.stream_dtype:
+        records.append(
+            _stream_record(args, layer, seqs, stored, dtype, _best(tensor), _best(streamed[dtype]))
+        )
+    return records
+
+
 def stream_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per layer: training from a stored tensor against training from the model's stream."""
     from transformers import GPT2Config, GPT2LMHeadModel  # only this case needs a model
@@ -173,33 +219,30 @@ def stream_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     stored_seqs = seqs.select(torch.arange(args.tokens // args.seq_len + 1))
     records = []
     for layer in range(args.n_layer + 1):
-        stored = place(all_activations(model, layer, stored_seqs).to(torch.float16), device)
-        rows = torch.arange(len(stored))
-        scale, mean = input_scale(stored, rows)
-        sae = _sae("jumprelu", args.d_in, args.d_in * args.expansion, args.k).to(device)
-        sae.init_from_data(mean.to(device), scale)
-        tensor = _timed(sae, Batches(stored, rows, args.batch, device, scale, seed=0), args)
-        chunks = endless_chunks(model, layer, seqs, args.buffer // 4, seed=0)
-        buffer = MixingBuffer(chunks, args.buffer, args.batch, seed=0)
-        sae = _sae("jumprelu", args.d_in, args.d_in * args.expansion, args.k).to(device)
-        sae.init_from_data(mean.to(device), scale)
-        streamed = _timed(sae, buffer.batches(scale), args)
-        records.append({
-            "bench": "sae_stream",
-            "case": f"layer-{layer}-of-{args.n_layer}x{args.d_in}",
-            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "threads": torch.get_num_threads(),
-            "layer": layer, "n_layer": args.n_layer, "d_in": args.d_in,
-            "d_sae": args.d_in * args.expansion, "batch": args.batch, "steps": args.steps,
-            "seq_len": args.seq_len, "buffer_tokens": args.buffer,
-            "dataset_tokens": seqs.n_tokens, "stored_tokens": len(stored),
-            "tensor": tensor, "stream": streamed,
-            "ratio": round(streamed["samples_per_second"] / tensor["samples_per_second"], 3),
-            "cpu_ratio": round(tensor["cpu_s"] / streamed["cpu_s"], 3),
-            "goal": 0.8,
-            "loadavg_1m": round(os.getloadavg()[0], 2),
-        })  # fmt: skip
+        records += _layer_cases(args, model, layer, seqs, stored_seqs)
     return records
+
+
+def _stream_record(
+    args: argparse.Namespace, layer: int, seqs: Sequences, stored: torch.Tensor, dtype: str,
+    tensor: dict[str, float], streamed: dict[str, float],
+) -> dict[str, Any]:  # fmt: skip
+    device = torch.device(args.device)
+    return {
+        "bench": "sae_stream",
+        "case": f"layer-{layer}-of-{args.n_layer}x{args.d_in}-{dtype}",
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "layer": layer, "n_layer": args.n_layer, "d_in": args.d_in,
+        "d_sae": args.d_in * args.expansion, "batch": args.batch, "steps": args.steps,
+        "seq_len": args.seq_len, "buffer_tokens": args.buffer, "stream_dtype": dtype,
+        "dataset_tokens": seqs.n_tokens, "stored_tokens": len(stored),
+        "tensor": tensor, "stream": streamed,
+        "ratio": round(streamed["samples_per_second"] / tensor["samples_per_second"], 3),
+        "cpu_ratio": round(tensor["cpu_s"] / streamed["cpu_s"], 3),
+        "goal": 0.8,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,6 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="--stream: longest sequence")
     parser.add_argument("--vocab", type=int, default=256, help="--stream: vocabulary")
     parser.add_argument("--buffer", type=int, default=None, help="--stream: buffer rows")
+    parser.add_argument("--repeats", type=int, default=3, help="--stream: best of, alternating")
+    parser.add_argument(
+        "--stream-dtype", nargs="+", choices=("float32", "bfloat16"),
+        default=["float32", "bfloat16"], help="--stream: dtypes of the generating forward pass",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if args.stream:

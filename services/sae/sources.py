@@ -26,7 +26,13 @@ from torch import nn
 
 from services.sae.batches import Batches, input_scale, place
 from services.sae.buffer import MixingBuffer
-from services.sae.stream import Sequences, all_activations, endless_chunks, first_tokens
+from services.sae.stream import (
+    Sequences,
+    all_activations,
+    endless_chunks,
+    first_tokens,
+    generating_model,
+)
 from shared.data import Example, load_task, tokenize_examples
 from shared.errors import DriftlabError
 from shared.hidden import Probe, load_hidden, load_probe
@@ -81,15 +87,16 @@ def stream_source(
 
     train = sequences(task.train)
     _check_batch(train.n_tokens, sae, where, "use a larger training set")
+    generator = generating_model(model, sae.stream_dtype)
     batches: Iterable[torch.Tensor]
     if train.n_tokens <= sae.buffer_tokens:
-        data = all_activations(model, layer, train)
+        data = all_activations(generator, layer, train)
         rows = torch.arange(len(data))
         scale, mean = input_scale(data, rows)
         batches = Batches(data, rows, sae.batch_size, device, scale, sae.seed)
         mode = "resident"
     else:
-        chunks = endless_chunks(model, layer, train, sae.buffer_tokens // 4, sae.seed)
+        chunks = endless_chunks(generator, layer, train, sae.buffer_tokens // 4, sae.seed)
         buffer = MixingBuffer(chunks, sae.buffer_tokens, sae.batch_size, sae.seed)
         scale, mean = input_scale(buffer.contents, torch.arange(len(buffer.contents)))
         batches = buffer.batches(scale)
@@ -107,6 +114,7 @@ def stream_source(
             "dataset": task.name,
             "split": "train",
             "mode": mode,
+            "dtype": sae.stream_dtype,
             "buffer_tokens": sae.buffer_tokens,
             "sequences": len(train),
         },

@@ -15,6 +15,7 @@ ahead of the device. Imports torch only (the benchmark uses it).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,15 @@ def layer_activations(model: nn.Module, layer: int, seqs: Sequences) -> torch.Te
     finally:
         handle.remove()
     return kept[0]
+
+
+def generating_model(model: nn.Module, dtype: str) -> nn.Module:
+    """`model` itself for float32; else a copy in `dtype` (float32 inputs and judges keep
+    the original). The copy's hidden states come back in `dtype` and are scaled to float32
+    batch by batch, so the buffer holds half the bytes too."""
+    if dtype == "float32":
+        return model
+    return copy.deepcopy(model).to(getattr(torch, dtype))
 
 
 def forward_groups(lengths: torch.Tensor) -> Iterator[tuple[int, int]]:

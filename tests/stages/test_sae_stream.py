@@ -283,6 +283,22 @@ def test_the_stream_trains_on_train_text_and_judges_on_eval_text(tiny_run):
     assert source.epoch_tokens > spec.sae.buffer_tokens  # the buffered path, refilled
 
 
+def test_a_bfloat16_stream_computes_the_same_activations_to_half_a_percent(tiny_run):
+    store, run_id = tiny_run
+    spec = parse_spec(store.get_text(layout.spec_key(run_id)))
+    model = load_model(store, run_id, 60)
+    fast = apply_overrides(spec, {"sae.stream_dtype": "bfloat16"})
+    exact, rounded = (stream_source(s, model, 2, CPU, "test") for s in (spec, fast))
+    assert rounded.training["dtype"] == "bfloat16" and exact.training["dtype"] == "float32"
+    assert next(p.dtype for p in model.parameters()) == torch.float32  # a copy was cast
+    torch.testing.assert_close(rounded.held_out, exact.held_out)  # the judges stay float32
+    assert rounded.scale == pytest.approx(exact.scale, rel=1e-2)
+    batch_exact, batch_rounded = next(iter(exact.batches)), next(iter(rounded.batches))
+    assert batch_rounded.dtype == torch.float32
+    error = (batch_rounded - batch_exact).norm() / batch_exact.norm()
+    assert 0 < float(error) < 5e-3  # the same rows, computed in bfloat16
+
+
 def test_stage_streams_the_training_set_into_good_saes(tiny_run):
     store, run_id = tiny_run
     for layer in range(3):
