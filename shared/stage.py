@@ -31,6 +31,7 @@ from shared import layout
 from shared.done import (
     DONE_FORMAT,
     RecordingStore,
+    Vouched,
     check_listed,
     listed_artifacts,
     marker_problem,
@@ -175,8 +176,11 @@ def load_run_spec(store: Store, run_id: str) -> RunSpec:
     return parse_spec(text, source=store.url_of(key))
 
 
-def input_digests(store: Store, stage: str, inputs: Sequence[Input]) -> dict[str, str]:
-    """Digest of each input's DONE marker, after checking the sizes of what it lists.
+def check_inputs(
+    store: Store, stage: str, inputs: Sequence[Input]
+) -> tuple[dict[str, str], dict[str, Vouched]]:
+    """Digest of each input's DONE marker, after checking the sizes of what it lists, and
+    what each listed object must hash to when the stage reads it (`RecordingStore`).
 
     A missing, unreadable or damaged input is one InputMissing naming the file and the
     command that redoes its producer (whose own cache check then sees the damage), never
@@ -184,6 +188,7 @@ def input_digests(store: Store, stage: str, inputs: Sequence[Input]) -> dict[str
     format 2) is taken for its existence, as it always was (see `shared.done`).
     """
     digests: dict[str, str] = {}
+    vouched: dict[str, Vouched] = {}
     for item in inputs:
         url = store.url_of(item.done_key)
         try:
@@ -197,10 +202,12 @@ def input_digests(store: Store, stage: str, inputs: Sequence[Input]) -> dict[str
         artifacts = None if marker is None else listed_artifacts(marker)
         if artifacts is not None:
             problem = check_listed(store, artifacts, digests=False)
+            for key, entry in artifacts.items():
+                vouched[key] = Vouched(entry["sha256"], item.produced_by)
         if problem:
             raise InputMissing(f"{stage}: input {problem}; run `{item.produced_by}` to redo it")
         digests[item.done_key] = digest_bytes(data)
-    return digests
+    return digests, vouched
 
 
 def _now() -> str:
@@ -239,8 +246,9 @@ def execute(stage: StageDef, args: argparse.Namespace) -> int:
     log = get_logger(stage.name, run_id, shard)
     store = open_store(args.store)
     spec = load_run_spec(store, run_id)
+    input_markers, vouched = check_inputs(store, stage.name, stage.inputs(args, spec, store))
     digests = {
-        "inputs": input_digests(store, stage.name, stage.inputs(args, spec, store)),
+        "inputs": input_markers,
         "spec": {s: section_digest(spec, s) for s in stage.spec_sections},
     }
     done_key = stage.done_key(args, spec)
@@ -261,7 +269,7 @@ def execute(stage: StageDef, args: argparse.Namespace) -> int:
         store.delete(done_key)
     status.write("running", device=device)
     recorder = RecordingStore(
-        store, layout.run_prefix(run_id), skip=(layout.status_prefix(run_id),)
+        store, layout.run_prefix(run_id), skip=(layout.status_prefix(run_id),), inputs=vouched
     )
     ctx = StageContext(stage.name, run_id, shard, recorder, spec, args, device)
     try:

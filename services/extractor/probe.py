@@ -20,7 +20,8 @@ import torch
 
 from shared import hidden, layout
 from shared.data import Task, answer_starts, load_task, tokenize_examples
-from shared.errors import InputMissing
+from shared.done import RecordingStore
+from shared.errors import DriftlabError
 from shared.hidden import ExtractionError, Probe
 from shared.spec import RunSpec, section_digest
 from shared.store import Store
@@ -40,17 +41,36 @@ def probe_digest(spec: RunSpec) -> str:
 
 
 def ensure_probe(store: Store, run_id: str, spec: RunSpec) -> Probe:
-    """The stored probe when it was made from this spec, else a freshly built and stored one."""
-    digest = probe_digest(spec)
-    try:
-        probe: Probe | None = hidden.load_probe(store, run_id)
-    except (InputMissing, ExtractionError):
-        probe = None  # none yet, or from an older format: build it
-    if probe is not None and probe.digest == digest:
-        return probe
+    """This spec's probe, built afresh and stored unless the store holds exactly its bytes.
+
+    Building is cheap and deterministic, and the probe is written by whichever extract step
+    comes first: a step killed after writing it leaves it vouched for by no DONE marker, so
+    no step trusts the stored one. Each step's marker then lists the probe it used (written
+    or kept), and a damaged probe is rewritten rather than read.
+    """
     probe = build_probe(spec, load_task(spec.data), load_tokenizer(spec.data.tokenizer))
-    store.put_tensors(layout.probe_key(run_id), probe.tensors(), metadata=probe.metadata())
+    key = layout.probe_key(run_id)
+    if _holds(store, key, probe):
+        if isinstance(store, RecordingStore):
+            store.keep(key)
+    else:
+        store.put_tensors(key, probe.tensors(), metadata=probe.metadata())
     return probe
+
+
+def _holds(store: Store, key: str, probe: Probe) -> bool:
+    """Whether `key` holds `probe`'s tensors and metadata. Contents, not bytes: safetensors
+    writes metadata in a per-process order, so equal probes differ in bytes."""
+    try:
+        tensors, metadata = store.get_tensors(key)
+    except DriftlabError:  # none yet, or unreadable: either way, write it
+        return False
+    want = probe.tensors()
+    return (
+        metadata == probe.metadata()
+        and tensors.keys() == want.keys()
+        and all(torch.equal(tensors[name], want[name]) for name in want)
+    )
 
 
 def build_probe(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> Probe:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from services.extractor.__main__ import EXTRACT
 from services.trainer.__main__ import TRAIN
@@ -161,3 +162,42 @@ def test_unreadable_input_done_is_one_line_naming_its_command(store, content, mo
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert "is unreadable" in line and "python -m services.extractor" in line, line
+
+
+def test_an_input_of_the_right_size_with_other_values_stops_its_reader(trained):
+    """Sizes are all a consumer checks before it starts; the digest is checked as it reads,
+    so a same-size checkpoint with other values is refused before anything is computed."""
+    store, run_id = trained
+    key = layout.checkpoint_model_key(run_id, 10)
+    tensors, metadata = store.get_tensors(key)
+    store.put_tensors(key, {name: t * 2 for name, t in tensors.items()}, metadata)
+    args = ["--run", run_id, "--store", store.url, "--step", "10"]
+
+    proc = run_stage_here(EXTRACT, args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert store.url_of(key) in line and "another sha256" in line, line
+    assert "python -m services.trainer" in line, line
+    assert not store.exists(layout.extract_done_key(run_id, 10))
+
+    assert _train(store, run_id) == "succeeded"  # the way out the line names
+    assert run_stage_here(EXTRACT, args).returncode == 0
+
+
+def test_a_probe_left_by_a_killed_step_is_rewritten_and_every_step_vouches_for_it(trained):
+    """The probe is written by whichever extract step comes first; killed before its DONE,
+    that step leaves a probe no marker lists, which the next step must not trust."""
+    store, run_id = trained
+    key = layout.probe_key(run_id)
+    args = ["--run", run_id, "--store", store.url]
+    assert stage_main(EXTRACT, [*args, "--step", "0"]) == 0
+    whole = store.get_tensors(key)
+    store.delete(layout.extract_done_key(run_id, 0))  # as if killed before its DONE
+    data = store.get_bytes(key)
+    store.put_bytes(key, data[: len(data) // 2])
+
+    assert stage_main(EXTRACT, args) == 0
+    tensors, metadata = store.get_tensors(key)
+    assert metadata == whole[1] and all(torch.equal(tensors[k], v) for k, v in whole[0].items())
+    for step in (0, 10, 20):  # written or kept, every step's marker lists the probe it used
+        assert key in store.get_json(layout.extract_done_key(run_id, step))["artifacts"]
