@@ -16,7 +16,7 @@ from services.evaluator import agreement
 from services.evaluator.detection import evaluate_detection
 from services.evaluator.explorer import explore
 from services.evaluator.phase_figure import PhaseSeries, phases_png
-from services.evaluator.quality import STAGE, hmm_checks
+from services.evaluator.quality import STAGE, hmm_checks, stale_checks
 from shared import layout, stage_registry
 from shared.errors import DriftlabError
 from shared.quality import QualityCheck, run_checks, summary, worst_first
@@ -321,7 +321,7 @@ def build(store: Store, run_id: str, spec: RunSpec, device: str = "cpu") -> Repo
 
 def quality(report: Report, store: Store, run_id: str) -> None:
     """Every stage's verdicts and the evaluator's own, worst first, with their counts."""
-    report.own_checks = hmm_checks(report.data.get("hmm"))
+    report.own_checks = [*hmm_checks(report.data.get("hmm")), *stale_checks(store, run_id)]
     checks = worst_first([*run_checks(store, run_id, exclude=[STAGE]), *report.own_checks])
     report.data["quality"] = [c.to_json() for c in checks]
     report.data["quality_summary"] = summary(checks)

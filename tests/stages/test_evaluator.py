@@ -236,3 +236,20 @@ def test_report_shows_the_ensemble_hmm_of_driftlab_hmm_and_keeps_it(store, capsy
     assert report["phases"]["sources"]["hmm"] == ensemble["state_changes"][run_a]
     html = store.get_text(layout.evaluate_report_html_key(run_a))
     assert "over 2 runs" in html and "<svg" in html
+
+
+def test_a_stage_left_running_reads_stale_in_the_report_banner(store):
+    """SAE killed mid-layer: the evaluator (optional inputs) reports without it and says so."""
+    run_id = make_run(store, sae=False)
+    status = {"stage": "sae", "shard": "layer-01", "state": "running",
+              "started_at": "2026-12-05T08:00:00.000Z", "run_id": run_id}  # fmt: skip
+    store.put_json(layout.status_key(run_id, "sae", "layer-01"), status)
+    assert _evaluate(store, run_id) == 0
+    report = store.get_json(layout.evaluate_report_json_key(run_id))
+    (stale,) = [q for q in report["quality"] if q["check"] == "finished"]
+    assert (stale["stage"], stale["shard"], stale["verdict"]) == ("sae", "layer-01", "warn")
+    assert stale["message"].startswith("stale (last seen 2026-12-05T08:00:00.000Z)")
+    assert f"--run {run_id}" in stale["message"]
+    html = store.get_text(layout.evaluate_report_html_key(run_id))
+    banner = html[: html.index("</section>")]
+    assert "stale (last seen 2026-12-05T08:00:00.000Z)" in banner
