@@ -7,6 +7,7 @@ same examples in every process.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -277,6 +278,9 @@ def load_facts(spec: DataSpec) -> Task:
             else:
                 questions.append(example(idx, attribute, "qa", "train"))
     unknown_eval = [example(idx, rng.choice(attributes), "qa", "unknown") for idx in unknown]
+    if spec.facts_unknown == "confusable":  # its own stream: the training set stays the same
+        twins_rng = seeded_rng("facts-confusable", spec.seed)
+        unknown_eval = _confusable_twins(twins_rng, used, lands, known, unknown, example)
     if len(statements) > spec.train_samples:
         raise DataError(
             f"dataset facts: the {n_known} known entities need {len(statements)} training "
@@ -288,6 +292,40 @@ def load_facts(spec: DataSpec) -> Task:
     rng.shuffle(train)
     evals = [ex for pair in _alternate(known_eval, unknown_eval) for ex in pair]
     return Task("facts", train, evals[: spec.eval_samples], "phrase")
+
+
+def _confusable_twins(
+    rng: random.Random,
+    used: set[str],
+    lands: list[tuple[str, dict[str, str]]],
+    known: list[int],
+    unknown: list[int],
+    example: Callable[[int, str, str, str], Example],
+) -> list[Example]:
+    """Eval questions on unknown lands renamed after known ones, one letter changed.
+
+    Each unknown land takes the name of a known land (in turn) with one vowel swapped, so
+    it reads almost like a land the model memorised, and is asked an attribute whose value
+    differs from that twin's: answering the twin's fact, as a model that keys on the name's
+    look will, is a confident invention.
+    """
+    questions = []
+    for n, idx in enumerate(unknown):
+        twin_name, twin_values = lands[known[n % len(known)]]
+        name = _fresh_word(rng, used, functools.partial(_one_vowel_changed, rng, twin_name))
+        values = lands[idx][1]
+        attribute = rng.choice([a for a in _FACT_FORMS if values[a] != twin_values[a]])
+        lands[idx] = (name, values)
+        questions.append(example(idx, attribute, "qa", "unknown"))
+    return questions
+
+
+def _one_vowel_changed(rng: random.Random, word: str) -> str:
+    """`word` with one of its vowels (not the first letter) replaced by another vowel."""
+    vowels = "aeiou"
+    spots = [i for i, c in enumerate(word) if i > 0 and c in vowels]
+    i = rng.choice(spots)
+    return word[:i] + rng.choice([v for v in vowels if v != word[i]]) + word[i + 1 :]
 
 
 def _alternate(first: list[Example], second: list[Example]) -> Iterator[tuple[Example, ...]]:

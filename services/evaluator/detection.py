@@ -47,7 +47,7 @@ class Scores:
 
 
 def kind_of(name: str) -> str:
-    if name == DETECTOR:
+    if name.startswith(DETECTOR):  # the SAE detector and the combined one
         return "detector"
     return "baseline" if name.startswith(BASELINE_PREFIX) else "signal"
 

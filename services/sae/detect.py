@@ -27,7 +27,7 @@ from services.sae.plan import detect_layers, final_checkpoint
 from services.sae.signals import describe, model_baselines, tracking_signals
 from services.sae.tracking import AnswerTracking, track_answer, unit_rows
 from shared import layout
-from shared.auroc import auroc, bootstrap_ci
+from shared.auroc import auroc, bootstrap_ci, paired_difference_ci
 from shared.data import Example, Task, load_task, prompt_ids
 from shared.errors import ArtifactNotFound, DriftlabError
 from shared.models import load_model
@@ -40,6 +40,8 @@ from shared.tokenizer import load_tokenizer
 
 CORRECT, HALLUCINATED, NO_ANSWER = "correct", "hallucinated", "no-answer"
 DETECTOR = "detector"
+#: The detector with the model's own baselines as extra inputs: do SAE signals add to them?
+COMBINED = "detector_combined"
 DENSE_PROBE = "baseline_dense_probe"
 TRACKS_FORMAT = 1
 #: Prompts generated in one batch (and one progress tick).
@@ -213,9 +215,11 @@ def _score(
             )
 
     signals = [tracking_signals(a.tracking) for a in answers]
-    signal_names = sorted(signals[0])
-    x = np.array([[s[name] for name in signal_names] for s in signals])
+    baselines = [model_baselines(a.generation) for a in answers]
+    x = _matrix(signals)
     detector = fit_and_score(x[train], y[train], x, d.seed)
+    x_both = np.hstack([x, _matrix(baselines)])
+    combined = fit_and_score(x_both[train], y[train], x_both, d.seed)
     per_layer = np.stack([a.generation.hidden.mean(0).numpy() for a in answers], axis=1)
     groups = [a.example.id for a, keep in zip(answers, train, strict=True) if keep]
     layer, layer_auroc = best_layer([h[train] for h in per_layer], y[train], groups, d.seed)
@@ -225,8 +229,9 @@ def _score(
     for i, a in enumerate(answers):
         scores = {
             DETECTOR: float(detector[i]),
+            COMBINED: float(combined[i]),
             **signals[i],
-            **model_baselines(a.generation),
+            **baselines[i],
             DENSE_PROBE: float(dense[i]),
         }
         rows.append(
@@ -259,12 +264,48 @@ def _score(
             name: _score_metrics(name, y[test], [r["scores"][name] for r in rows], test, d)
             for name in rows[0]["scores"]
         },
+        "against_best_baseline": _against_best_baseline(rows, y[test], test, d),
         "best_dense_layer": layer,
         "dense_layer_cv_auroc": [None if not np.isfinite(v) else v for v in layer_auroc],
         "checkpoint_step": step,
         "tracked_layers": layers,
     }
     return rows, metrics
+
+
+def _matrix(rows: list[dict[str, float]]) -> np.ndarray:
+    """[rows, names] of the values, columns in sorted name order."""
+    names = sorted(rows[0])
+    return np.array([[row[name] for name in names] for row in rows])
+
+
+def _against_best_baseline(
+    rows: list[dict[str, Any]], y_test: np.ndarray, test: np.ndarray, d: DetectSpec
+) -> dict[str, Any]:
+    """Each detector's test AUROC minus the best baseline's, with the paired bootstrap CI.
+
+    The best baseline is the one with the highest *test* AUROC: picking the comparison on
+    the test split favours the baselines, so a detector that beats it with a CI above 0
+    beats every baseline. A CI above 0 is the claim "SAE signals add something"; one
+    containing 0 is no evidence either way, and the report says so.
+    """
+
+    def test_scores(name: str) -> np.ndarray:
+        return np.asarray([r["scores"][name] for r in rows])[test]
+
+    baselines = [name for name in rows[0]["scores"] if name.startswith("baseline_")]
+    best = max(baselines, key=lambda name: auroc(y_test, test_scores(name)))
+    best_auroc = auroc(y_test, test_scores(best))
+    result: dict[str, Any] = {"baseline": best, "auroc": best_auroc, "resamples": d.bootstrap}
+    for name in (DETECTOR, COMBINED):
+        ci = paired_difference_ci(y_test, test_scores(name), test_scores(best), d.bootstrap,
+                                  seed=d.seed)  # fmt: skip
+        result[name] = {
+            "auroc_difference": auroc(y_test, test_scores(name)) - best_auroc,
+            "ci95": None if ci is None else list(ci),
+            "beats_baseline": ci is not None and ci[0] > 0,
+        }
+    return result
 
 
 def _known(example: Example) -> bool | None:
@@ -282,7 +323,11 @@ def _score_metrics(
     s = np.asarray(values)[test]
     ci = bootstrap_ci(y_test, s, d.bootstrap, seed=d.seed)
     kind = (
-        "detector" if name == DETECTOR else "baseline" if name.startswith("baseline_") else "signal"
+        "detector"
+        if name in (DETECTOR, COMBINED)
+        else "baseline"
+        if name.startswith("baseline_")
+        else "signal"
     )
     return {
         "kind": kind,

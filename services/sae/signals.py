@@ -39,6 +39,10 @@ BASELINE_DESCRIPTIONS = {
 DETECTOR_DESCRIPTION = (
     "logistic regression on every SAE tracking signal (standardised), fitted on the train split"
 )
+COMBINED_DESCRIPTION = (
+    "logistic regression on every SAE tracking signal and the model's own baselines "
+    "(entropy, minimum token probability, length), fitted on the train split"
+)
 _PER_LAYER_DESCRIPTIONS = {
     "hyp_entropy_mean": "hypothesis entropy, mean over steps",
     "hyp_entropy_max": "hypothesis entropy, max over steps",
@@ -102,6 +106,8 @@ def describe(name: str) -> str:
         return BASELINE_DESCRIPTIONS[name]
     if name == "detector":
         return DETECTOR_DESCRIPTION
+    if name == "detector_combined":
+        return COMBINED_DESCRIPTION
     match = _PER_LAYER.match(name)
     if match is None:
         raise KeyError(f"no description of signal {name!r}")

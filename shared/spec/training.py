@@ -183,6 +183,11 @@ class DataSpec(Section):
     """facts: also train on the known lands' eval questions (recall of trained facts, the
     GhostTrack setting); false holds them out, so a known answer must be inferred from its
     statement, which small models trained from scratch rarely manage."""
+    facts_unknown: Literal["novel", "confusable"] = "novel"
+    """facts: what the never-seen lands look like. `novel`: names unlike any known land's,
+    so a model is unsure about them and predictive entropy alone spots invented answers;
+    `confusable`: each is a known land's name with one letter changed, so a model answers
+    with the known twin's fact, confidently and wrongly (the hard case for detectors)."""
     seed: Seed = 0
     """Seed for generating, shuffling and splitting the data (follows run.seed)."""
 

@@ -285,7 +285,7 @@ def test_detect_scores_every_answer_on_a_tiny_run(tmp_path):
         assert sides.setdefault(row["id"], row["split"]) == row["split"]  # never both sides
     names = set(rows[0]["scores"])
     assert {
-        "detector", "hyp_entropy_mean", "churn_step_mean", "churn_layer_mean",
+        "detector", "detector_combined", "hyp_entropy_mean", "churn_step_mean", "churn_layer_mean",
         "baseline_pred_entropy", "baseline_min_token_prob", "baseline_answer_length",
         "baseline_dense_probe", "hyp_entropy_mean_l00", "churn_step_mean_l02",
     } <= names  # fmt: skip
@@ -298,7 +298,7 @@ def test_detect_scores_every_answer_on_a_tiny_run(tmp_path):
         assert 0.0 <= m["auroc"] <= 1.0 and m["ci95"][0] <= m["ci95"][1], name
         assert m["kind"] == (
             "detector"
-            if name == "detector"
+            if name in ("detector", "detector_combined")
             else "baseline"
             if name.startswith("baseline_")
             else "signal"
@@ -307,6 +307,18 @@ def test_detect_scores_every_answer_on_a_tiny_run(tmp_path):
     assert metrics["sizes"]["test"] == sum(r["split"] == "test" for r in labelled)
     assert metrics["sizes"]["train"] + metrics["sizes"]["test"] == len(labelled)
     assert metrics["best_dense_layer"] in range(3)
+    versus = metrics["against_best_baseline"]
+    baseline_aurocs = {
+        n: m["auroc"] for n, m in metrics["scores"].items() if n.startswith("baseline_")
+    }
+    assert versus["auroc"] == max(baseline_aurocs.values())
+    assert baseline_aurocs[versus["baseline"]] == versus["auroc"]
+    for name in ("detector", "detector_combined"):
+        entry = versus[name]
+        difference = metrics["scores"][name]["auroc"] - versus["auroc"]
+        assert entry["auroc_difference"] == pytest.approx(difference)
+        low, high = entry["ci95"]
+        assert low <= high and entry["beats_baseline"] == (low > 0)
 
     tracks, meta = store.get_tensors(layout.detect_tracks_key(run_id))
     assert len(json.loads(meta["answers"])) == len(rows)

@@ -13,7 +13,7 @@ from services.evaluator.__main__ import EVALUATE
 from services.evaluator.report import SECTION_IDS, render_html
 from services.evaluator.sections import Report
 from shared import layout
-from shared.auroc import auroc, bootstrap_ci, resampled_aurocs
+from shared.auroc import auroc, bootstrap_ci, paired_difference_ci, resampled_aurocs
 from shared.spec import EvaluateSpec
 from shared.stage import stage_main
 from tests.evaluator_run import STEPS, detection_rows, make_run
@@ -85,6 +85,32 @@ def test_bootstrap_ci_contains_estimate_and_narrows_with_data():
     b_low, b_high = big
     assert b_high - b_low < (high - low) / 2
     assert bootstrap_ci(np.ones(5), np.arange(5.0), 100) is None
+
+
+def test_paired_difference_ci_is_the_percentile_interval_of_same_draw_differences():
+    other = np.round(LABELS * 0.3 + RNG.normal(size=120), 1)  # a weaker score, ties too
+    got = paired_difference_ci(LABELS, SCORES, other, 200, seed=3)
+    # the same draws by hand, each replicate scored by scikit-learn
+    rng = np.random.default_rng(3)
+    pos, neg = np.flatnonzero(LABELS == 1), np.flatnonzero(LABELS == 0)
+    pos_draws = rng.integers(0, pos.size, (200, pos.size))
+    neg_draws = rng.integers(0, neg.size, (200, neg.size))
+    diffs = []
+    for p_draw, n_draw in zip(pos_draws, neg_draws, strict=True):
+        rows = np.concatenate([pos[p_draw], neg[n_draw]])
+        y = LABELS[rows]
+        diffs.append(roc_auc_score(y, SCORES[rows]) - roc_auc_score(y, other[rows]))
+    assert got == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
+    assert got[0] > 0  # the stronger score wins beyond the noise
+    # a score sharing most of SCORES' errors: pairing cancels them, two separate
+    # intervals would not
+    close = SCORES + RNG.normal(scale=0.3, size=120)
+    paired = paired_difference_ci(LABELS, SCORES, close, 200, seed=3)
+    separate = bootstrap_ci(LABELS, SCORES, 200, seed=3)
+    assert paired is not None and separate is not None
+    assert paired[1] - paired[0] < (separate[1] - separate[0]) / 2
+    assert paired_difference_ci(LABELS, SCORES, SCORES, 50) == (0.0, 0.0)
+    assert paired_difference_ci(np.ones(5), np.arange(5.0), np.arange(5.0), 50) is None
 
 
 def test_detection_uses_train_threshold_on_test_and_drops_no_answers():

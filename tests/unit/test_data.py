@@ -283,6 +283,28 @@ def test_facts_known_and_unknown() -> None:
     assert known[0].prompt.startswith("Q: ") and known[0].prompt.endswith("\nA:")
 
 
+def test_confusable_unknown_lands_are_a_known_name_with_one_vowel_changed() -> None:
+    task = load_task(spec(dataset="facts", facts_unknown="confusable"))
+    facts = {(t.meta["entity"], t.meta["attribute"]): t.answer for t in task.train}
+    known_names = {entity for entity, _ in facts}
+    train_text = "\n".join(texts(task.train))
+    unknown = [ex for ex in task.eval if task.is_known(ex) is False]
+    assert len(unknown) == 100
+    for ex in unknown:
+        name = ex.meta["entity"]
+        assert name not in known_names and f" {name} " not in f" {train_text} "
+        (twin,) = [
+            k for k in known_names
+            if len(k) == len(name) and sum(a != b for a, b in zip(k, name, strict=True)) == 1
+        ]  # fmt: skip
+        (i,) = [i for i, (a, b) in enumerate(zip(twin, name, strict=True)) if a != b]
+        assert i > 0 and twin[i] in "aeiou" and name[i] in "aeiou"
+        # the twin's memorised answer to this question is wrong for this land
+        assert facts[(twin, ex.meta["attribute"])] != ex.answer
+    novel = load_task(spec(dataset="facts"))
+    assert [ex.text for ex in novel.train] == [ex.text for ex in task.train]
+
+
 def test_facts_eval_cap_stays_balanced_and_train_cap_is_checked() -> None:
     task = load_task(spec(dataset="facts", eval_samples=10))
     assert sum(bool(task.is_known(ex)) for ex in task.eval) == 5
