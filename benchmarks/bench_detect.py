@@ -4,7 +4,10 @@ Runs a spec (default configs/facts-detect.yaml) through train -> extract -> sae 
 detect in this process, then prints one JSON object per detector and baseline: its test
 AUROC with the bootstrap 95% CI, and `ratio_to_detector` (the detector's AUROC over this
 score's), all measured side by side on the same answers and the same question-level
-split. A last line compares the detector with GhostTrack's stated target (AUROC 0.90).
+split; then, for the SAE detector and the combined one (SAE signals + the model's own
+baselines), the AUROC difference to the best baseline on the test split with its paired
+bootstrap 95% CI (`beats_best_baseline`: the CI lies above 0). A last line compares the
+detector with GhostTrack's stated target (AUROC 0.90).
 Whatever the numbers are, they are what this run reached; a detector that loses to the
 dense probe is a finding, not a failure of the benchmark.
 
@@ -88,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         if name == "baseline_dense_probe":
             line["layer"] = metrics["best_dense_layer"]
         print(json.dumps(line), flush=True)
+    versus = metrics["against_best_baseline"]
+    for name in ("detector", "detector_combined"):
+        entry = versus[name]
+        print(json.dumps({
+            **common_fields,
+            "name": f"{name}_vs_best_baseline",
+            "best_baseline": versus["baseline"],
+            "best_baseline_test_auroc": round(versus["auroc"], 4),
+            "auroc_difference": round(entry["auroc_difference"], 4),
+            "paired_ci95": None if entry["ci95"] is None else [round(v, 4) for v in entry["ci95"]],
+            "beats_best_baseline": entry["beats_baseline"],
+        }), flush=True)  # fmt: skip
     best_signal = max(
         (n for n, m in metrics["scores"].items() if m["kind"] == "signal"),
         key=lambda n: metrics["scores"][n]["auroc"],
