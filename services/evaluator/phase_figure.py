@@ -3,7 +3,10 @@
 Held-out accuracy, the mean step drift of the hidden states (with the drift between two
 halves of one checkpoint's cloud, the resolution below which drift is noise) and the HMM's
 decoded states of the training dynamics: when the three change together, the picture says
-so without a table. OT change points above their curve's baseline (in some layer or in the
+so without a table. A fourth view needs neither OT nor the HMM: the weights' norm (the
+mean Frobenius norm of the blocks' matrices, the dynamics' `l2`), which under weight decay
+grows while a model memorises and falls while it cleans up to a general solution (Nanda
+et al. 2023), so a transition shows as its bend. OT change points above their curve's baseline (in some layer or in the
 mean over layers) are solid, the mean curve's others dotted; the step where accuracy first
 crosses 50% is dashed black.
 """
@@ -32,14 +35,16 @@ class PhaseSeries:
     hmm_steps: Sequence[int] = ()
     hmm_states: Sequence[int] = ()
     crossing: int | None = None
+    norm_steps: Sequence[int] = ()  # steps of the dynamics rows, and their weight norm
+    weight_norm: Sequence[float | None] = ()
 
 
 def phases_png(series: PhaseSeries) -> bytes:
     """The figure as PNG bytes (Agg canvas: no pyplot state, safe in any thread)."""
-    fig = Figure(figsize=(7.0, 4.2), dpi=110)
+    fig = Figure(figsize=(7.0, 5.2), dpi=110)
     FigureCanvasAgg(fig)
-    top, strip = fig.subplots(
-        2, 1, sharex=True, gridspec_kw={"height_ratios": [4, 1], "hspace": 0.08}
+    top, norm, strip = fig.subplots(
+        3, 1, sharex=True, gridspec_kw={"height_ratios": [4, 1.4, 1], "hspace": 0.08}
     )
     handles = []
     if series.accuracy is not None:
@@ -69,11 +74,29 @@ def phases_png(series: PhaseSeries) -> bytes:
                      textcoords="offset points", fontsize=8)  # fmt: skip
     if handles:
         top.legend(handles=handles, loc="center right", fontsize=8)
-    top.set_title("accuracy, drift (orange: OT change points) and HMM states", fontsize=10)
+    top.set_title("accuracy, drift (orange: OT change points), weight norm and HMM states",
+                  fontsize=10)  # fmt: skip
+    _weight_norm(norm, series)
     _state_strip(strip, series)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     return buffer.getvalue()
+
+
+def _weight_norm(ax: Axes, series: PhaseSeries) -> None:
+    """The weights' norm over training, with the 50% crossing marked as above."""
+    ax.set_ylabel("weight\nnorm", rotation=0, ha="right", va="center", fontsize=8)
+    ax.tick_params(labelsize=7)
+    points = [(s, v) for s, v in zip(series.norm_steps, series.weight_norm, strict=True)
+              if v is not None]  # fmt: skip
+    if not points:
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no dynamics rows", ha="center", va="center", transform=ax.transAxes)
+        return
+    steps, values = zip(*points, strict=True)
+    ax.plot(steps, values, "-", color="C2", lw=1.2)
+    if series.crossing is not None:
+        ax.axvline(series.crossing, color="black", ls="--", lw=1.2)
 
 
 def _state_strip(ax: Axes, series: PhaseSeries) -> None:

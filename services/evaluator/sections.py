@@ -120,6 +120,8 @@ def dynamics(report: Report, store: Store, run_id: str, spec: RunSpec) -> None:
     report.data["dynamics"] = {
         "steps": steps,
         "features": {f: [r.get(f) for r in rows] for f in features},
+        # mean Frobenius norm of the blocks' matrices: the phase figure's weight norm
+        "weight_norm": [r.get("l2") for r in rows],
     }
 
     def draw(ax: Any) -> None:
@@ -282,6 +284,7 @@ def _phase_series(
     """
     mean = (ot_phases or {}).get("curves", {}).get("mean", {})
     path = report.data.get("hmm", {}).get("runs", {}).get(report.run_id, {})
+    dynamics = report.data.get("dynamics", {})
     solid = {point["step"] for point in significant}
     dotted = {int(c["step"]) for c in mean.get("change_points", [])} - solid
     return PhaseSeries(
@@ -293,6 +296,8 @@ def _phase_series(
         hmm_steps=path.get("steps", []),
         hmm_states=path.get("states", []),
         crossing=report.data["phases"].get("crossing", {}).get("step"),
+        norm_steps=dynamics.get("steps", []),
+        weight_norm=dynamics.get("weight_norm", []),
     )
 
 

@@ -178,6 +178,9 @@ def test_full_report_has_every_section_and_agreeing_phases(store):
     assert _evaluate(store, run_id) == 0
     report = store.get_json(layout.evaluate_report_json_key(run_id))
     assert report["absent"] == {}
+    dynamics = report["dynamics"]  # the phase figure's weight norm: the dynamics' l2 rows
+    assert dynamics["weight_norm"] == dynamics["features"]["l2"]
+    assert len(dynamics["weight_norm"]) == len(dynamics["steps"]) > 1
     phases = report["phases"]
     assert phases["sources"]["ot"] == [40] and phases["sources"]["accuracy"] == [40]
     assert all(p["agreement"] == 1.0 for p in phases["pairs"] if "hmm" not in (p["a"], p["b"]))
