@@ -423,18 +423,19 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     shown = _split_list(args.show)
     columns = select_columns(rows, shown, _split_list(args.hide))
     width = _terminal_width() if args.format == "table" else None
+    left_out = 0
     if width is not None:
         wanted = [c for c in columns if any(fnmatch.fnmatchcase(c, p) for p in shown)]
         fitted = fit_columns(rows, columns, width, wanted)
-        left_out = [c for c in columns if c not in fitted]
-        if left_out:
-            print(
-                f"({len(left_out)} more columns did not fit: --show COLUMN adds one, "
-                "--format csv has all)",
-                file=sys.stderr,
-            )
+        left_out = len(columns) - len(fitted)
         columns = fitted
     sys.stdout.write(render(rows, columns, args.format, width))
+    sys.stdout.flush()  # the note below the table, not above it, in a terminal
+    if left_out:
+        print(
+            f"({left_out} more columns did not fit: --show COLUMN adds one, --format csv has all)",
+            file=sys.stderr,
+        )
     return 0
 
 
