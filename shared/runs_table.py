@@ -16,6 +16,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from rich.cells import cell_len, set_cell_size  # screen cells: a CJK character takes two
+
 Row = dict[str, Any]
 
 FORMATS = ("table", "csv", "json")
@@ -78,7 +80,7 @@ def _rank(column: str, wanted: Sequence[str]) -> int:
 
 
 def _natural_width(rows: Sequence[Row], column: str) -> int:
-    widest = max([len(column), *(len(display_cell(row.get(column))) for row in rows)])
+    widest = max([cell_len(column), *(cell_len(display_cell(row.get(column))) for row in rows)])
     return widest if column == "run_id" else min(widest, MAX_CELL_WIDTH)
 
 
@@ -93,23 +95,21 @@ def render(rows: Sequence[Row], columns: Sequence[str], fmt: str, width: int | N
         writer.writerow(columns)
         writer.writerows([[cell(r.get(c)) for c in columns] for r in rows])
         return buf.getvalue()
-    from rich.console import Console  # only tables need it: json and csv start faster
-    from rich.table import Table
-    from rich.text import Text
-
     widths = _column_widths(rows, columns, width)
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="")
-    for column in columns:
-        # A cut header keeps its end: `…final_loss` tells two headline columns apart.
-        fitted = widths[column]
-        header = column if len(column) <= fitted else "…" + column[len(column) - fitted + 1 :]
-        table.add_column(Text(header), no_wrap=True, overflow="ellipsis", width=fitted)
-    for row in rows:
-        table.add_row(*(Text(display_cell(row.get(column))) for column in columns))
-    out = io.StringIO()
-    total = sum(widths.values()) + COLUMN_GAP * (len(columns) - 1)
-    Console(file=out, width=max(total, 1), color_system=None).print(table)
-    return "".join(line.rstrip() + "\n" for line in out.getvalue().splitlines())
+    # A cut header keeps its end: `…final_loss` tells two headline columns apart.
+    lines = [[_fit_cell(column, widths[column], keep_end=True) for column in columns]]
+    lines += [[_fit_cell(display_cell(row.get(c)), widths[c]) for c in columns] for row in rows]
+    gap = " " * COLUMN_GAP
+    return "".join(gap.join(line).rstrip() + "\n" for line in lines)
+
+
+def _fit_cell(text: str, width: int, keep_end: bool = False) -> str:
+    """`text` padded to `width` screen cells, or cut to them with an ellipsis."""
+    if cell_len(text) <= width:
+        return set_cell_size(text, width)
+    if keep_end:
+        return "…" + set_cell_size(text[::-1], width - 1)[::-1]
+    return set_cell_size(text, width - 1) + "…"
 
 
 def _column_widths(
