@@ -154,9 +154,10 @@ def _fitted_table(rows: Sequence[_Row], width: int) -> Table:
 def _shortened(name: str, room: int) -> str:
     """`name` in `room` characters: its path's longest segments lose their heads first.
 
-    A name is `<run>.pipeline.<task>(<item>)`: the task and its item say what runs, the
-    tail of a run id (its random suffix) which run, so each segment keeps its end. What
-    still does not fit loses its head as a whole.
+    A name is a DAG path ending in a task and its item (`pipeline.extract(1:100)`, or
+    `sweep.<run id>.train` in a sweep): the task and its item say what runs, the tail of a
+    run id (its random suffix) which run, so each segment keeps its end. What still does
+    not fit loses its head as a whole.
     """
     path, paren, item = name.partition("(")
     segments = path.split(".")
