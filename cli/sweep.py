@@ -12,7 +12,8 @@ import sys
 import time
 from typing import Any
 
-from shared.registry import add_store_argument, render
+from shared.registry import add_store_argument
+from shared.runs_table import render
 from shared.sweep import DEFAULT_MAX_RUNS, expand, load_sweep, points
 
 # -- running here ------------------------------------------------------------------------

@@ -9,13 +9,12 @@ holding thousands of runs, and means a run is listed the moment its spec is writ
 from __future__ import annotations
 
 import argparse
-import csv
 import fnmatch
-import io
 import json
 import math
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ import yaml
 from shared import layout
 from shared.errors import ArtifactNotFound, DriftlabError, StoreError
 from shared.lease import read_lease
+from shared.runs_table import FORMATS, cell, fit_columns, render
 from shared.store import DEFAULT_STORE_URL, LocalStore, Store, open_store
 from shared.yaml_budget import bounded_load
 
@@ -335,38 +335,6 @@ def all_columns(rows: Sequence[Row]) -> list[str]:
 # -- output ----------------------------------------------------------------------------
 
 
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    if isinstance(v, list | dict):
-        return json.dumps(v, separators=(",", ":"))
-    return str(v)
-
-
-def render(rows: Sequence[Row], columns: Sequence[str], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps([{c: r.get(c) for c in columns} for r in rows], indent=2) + "\n"
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows([[_cell(r.get(c)) for c in columns] for r in rows])
-        return buf.getvalue()
-    cells = [[_truncate(_cell(r.get(c))) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += [
-        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _truncate(text: str, width: int = 48) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def annotate(store: Store, run_id: str, values: dict[str, Any]) -> dict[str, Any]:
     """Merge user metrics into the run's annotations object (its only writer is the user)."""
     layout.validate_run_id(run_id)
@@ -406,7 +374,12 @@ def add_runs_parser(commands: Any) -> None:
     runs.add_argument("--hide", action="append", default=[], help="drop columns (globs ok)")
     runs.add_argument("--limit", type=int, default=None)
     runs.add_argument("--list-columns", action="store_true", help="print every column name")
-    runs.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    runs.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        help="table: fitted to the terminal ($COLUMNS), values shortened; csv, json: whole",
+    )
     runs.set_defaults(handler=_cmd_runs)
     sub = runs.add_subparsers(dest="runs_command", metavar="SUBCOMMAND")
     create = sub.add_parser("create", help="register a run from a spec; prints its run id")
@@ -447,9 +420,31 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         args.descending,
         args.limit,
     )
-    columns = select_columns(rows, _split_list(args.show), _split_list(args.hide))
-    sys.stdout.write(render(rows, columns, args.format))
+    shown = _split_list(args.show)
+    columns = select_columns(rows, shown, _split_list(args.hide))
+    width = _terminal_width() if args.format == "table" else None
+    left_out = 0
+    if width is not None:
+        wanted = [c for c in columns if any(fnmatch.fnmatchcase(c, p) for p in shown)]
+        fitted = fit_columns(rows, columns, width, wanted)
+        left_out = len(columns) - len(fitted)
+        columns = fitted
+    sys.stdout.write(render(rows, columns, args.format, width))
+    sys.stdout.flush()  # the note below the table, not above it, in a terminal
+    if left_out:
+        print(
+            f"({left_out} more columns did not fit: --show COLUMN adds one, --format csv has all)",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _terminal_width() -> int | None:
+    """The terminal's width ($COLUMNS first); None when writing to a pipe or file without
+    $COLUMNS, where a table keeps every column (`| less -S` scrolls sideways)."""
+    if os.environ.get("COLUMNS", "").strip().isdigit() or sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
@@ -467,7 +462,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
             raise RegistryError(f"{pair!r}: expected KEY=VALUE with KEY like eval_ppl")
         values[key] = _coerce(value)
     merged = annotate(open_store(args.store), args.run_id, values)
-    print(", ".join(f"{k}={_cell(v)}" for k, v in sorted(merged.items())))
+    print(", ".join(f"{k}={cell(v)}" for k, v in sorted(merged.items())))
     return 0
 
 

@@ -6,7 +6,6 @@ ran, in which order, with which parameters, and how often.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -458,22 +457,3 @@ def _alive(pid: int) -> bool:
             return False
         return True
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def test_the_live_table_fits_80_columns_with_its_progress_column(tmp_path, monkeypatch):
-    """At 80 columns a long task name folds; the state, time and progress stay on screen."""
-    from workflows.local.display import LiveTable
-    from workflows.local.nodes import Node
-
-    monkeypatch.setenv("COLUMNS", "80")
-    progress = tmp_path / "progress"
-    progress.write_text("3/10\n")
-    stream = io.StringIO()
-    table = LiveTable(stream, interval_s=0.05)
-    name = "tiny-cpu-20261205-064208-20f8b1.pipeline.extract(12:600)-with-a-long-suffix"
-    table(Node(name=name, template="extract", state="Running", started=0.0, ended=2.5,
-               progress_file=progress))  # fmt: skip
-    table.close()
-    lines = [line for line in stream.getvalue().splitlines() if line.strip()]
-    assert all(len(line) <= 80 for line in lines), lines
-    assert any("running" in line and "3/10" in line and "2.5s" in line for line in lines), lines

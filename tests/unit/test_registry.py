@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -28,13 +29,18 @@ def _add_run(store, run_id, overrides=None, statuses=()):
         )
 
 
-def _cli(*args, timeout=60):
+def _cli(*args, timeout=60, columns=None):
+    """`driftlab runs ARGS` through a pipe: with `columns`, as in a terminal that wide."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     return subprocess.run(
         [sys.executable, "-m", "cli", "runs", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -120,6 +126,84 @@ def test_cli_formats_and_errors(store):
     assert "did you mean train.learning_rate?" in out.stderr and "Traceback" not in out.stderr
     out = _cli("--store", store.url, "--filter", "nonsense")
     assert out.returncode == 2 and "KEY=VALUE" in out.stderr
+
+
+def _add_wide_runs(store):
+    """Two more runs: a list-valued spec field, a long annotation, headline numbers."""
+    note = "baseline rerun after the tokenizer fix, compare with the lr sweep of last week"
+    _add_run(store, "wide-20261104-120000-dddddd", {"sae.layers": [0, 1]},
+             [("train", None, "succeeded", {"final_loss": 3.25, "tokens_per_s": 51234.5})])  # fmt: skip
+    store.put_json(
+        layout.annotation_key("wide-20261104-120000-dddddd"),
+        {"stage": "annotations", "values": {"note": note}},
+    )
+    _add_run(store, "plain-20261105-120000-eeeeee", {}, [("train", None, "running", {})])
+    return note
+
+
+def test_the_table_fits_80_columns_and_show_adds_one(store):
+    """At COLUMNS=80 every line fits, the run id and state are there with the most useful
+    columns that fit (swept parameters); stderr says how many more there are."""
+    _add_wide_runs(store)
+    out = _cli("--store", store.url, columns=80)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 6 and all(len(line) <= 80 for line in lines), lines
+    header = lines[0].split()
+    assert header[:2] == ["run_id", "state"] and "custom.width_mult" in header, header
+    assert "model.arch" not in header and "more columns did not fit" in out.stderr
+    assert lines[1].split()[:2] == ["lr-small-20261101-120000-aaaaaa", "done"]
+    assert lines[-1].split()[:2] == ["plain-20261105-120000-eeeeee", "running"]
+
+    shown = _cli("--store", store.url, "--show", "sae.layers,annotations.note", columns=80)
+    lines = shown.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    header = lines[0].split()
+    assert header[:2] == ["run_id", "state"] and "sae.layers" in header, lines
+    assert "annotations.note" in header and "custom.width_mult" not in header, lines
+    wide = next(line for line in lines if line.startswith("wide-"))
+    assert "0, 1" in wide and "[0" not in wide  # a list reads as a list, not as JSON
+    assert "baseline rerun after the …" in wide, wide  # cut, and says so
+    other = next(line for line in lines if line.startswith("other-"))
+    assert "all" in other.split()  # sae.layers' default
+
+
+def test_headline_numbers_fill_the_room_swept_parameters_leave(store):
+    """Runs without custom columns or tags: at 80 columns their headline numbers show."""
+    _add_wide_runs(store)
+    out = _cli("--store", store.url, "--filter", "run_id=wide-*", "--hide", "annotations.*",
+               columns=80)  # fmt: skip
+    header = out.stdout.splitlines()[0].split()
+    assert header[0] == "run_id" and {"state", "train.headline.final_loss"} <= set(header)
+    assert all(len(line) <= 80 for line in out.stdout.splitlines())
+
+
+def test_json_csv_and_pipes_keep_every_default_column_whole(store):
+    """`--format json` and csv are for programs: the same default columns and whole values
+    whatever the terminal; a table through a pipe without $COLUMNS keeps every column."""
+    note = _add_wide_runs(store)
+    rows = load_rows(store)
+    expected = select_columns(rows)
+    data = json.loads(_cli("--store", store.url, "--format", "json", columns=40).stdout)
+    assert len(data) == 5 and all(list(d) == expected for d in data)
+    wide = next(d for d in data if d["run_id"].startswith("wide-"))
+    assert wide["annotations.note"] == note and wide["train.headline.tokens_per_s"] == 51234.5
+    table = list(csv.reader(io.StringIO(_cli("--store", store.url, "--format", "csv",
+                                             "--show", "sae.layers", columns=40).stdout)))  # fmt: skip
+    assert table[0] == [*expected, "sae.layers"]
+    assert note in table[4] and "[0,1]" in table[4]  # CSV keeps the JSON of a list
+    piped = _cli("--store", store.url).stdout.splitlines()
+    assert piped[0].split() == expected and max(len(line) for line in piped) > 80
+
+
+def test_table_cells_read_as_text_and_csv_cells_as_json():
+    from shared.runs_table import cell, display_cell
+
+    assert display_cell([20, 60]) == "20, 60" and cell([20, 60]) == "[20,60]"
+    assert display_cell({"lr": 0.001, "layers": [1, 2]}) == "lr=0.001, layers=[1, 2]"
+    assert (
+        display_cell([]) == "[]" and display_cell(None) == "" and display_cell(1 / 3) == "0.333333"
+    )
 
 
 def test_annotate_adds_columns(store):
