@@ -280,7 +280,8 @@ def load_facts(spec: DataSpec) -> Task:
     unknown_eval = [example(idx, rng.choice(attributes), "qa", "unknown") for idx in unknown]
     if spec.facts_unknown == "confusable":  # its own stream: the training set stays the same
         twins_rng = seeded_rng("facts-confusable", spec.seed)
-        unknown_eval = _confusable_twins(twins_rng, used, lands, known, unknown, example)
+        asked = [ex.meta["attribute"] for ex in known_eval]
+        unknown_eval = _confusable_twins(twins_rng, used, lands, known, asked, unknown, example)
     if len(statements) > spec.train_samples:
         raise DataError(
             f"dataset facts: the {n_known} known entities need {len(statements)} training "
@@ -299,22 +300,32 @@ def _confusable_twins(
     used: set[str],
     lands: list[tuple[str, dict[str, str]]],
     known: list[int],
+    asked: list[str],
     unknown: list[int],
     example: Callable[[int, str, str, str], Example],
 ) -> list[Example]:
     """Eval questions on unknown lands renamed after known ones, one letter changed.
 
     Each unknown land takes the name of a known land (in turn) with one vowel swapped, so
-    it reads almost like a land the model memorised, and is asked an attribute whose value
-    differs from that twin's: answering the twin's fact, as a model that keys on the name's
-    look will, is a confident invention.
+    it reads almost like a land the model memorised, and is asked what its twin is asked
+    in eval (`asked`), with a value that differs from the twin's: answering the twin's
+    fact, as a model that keys on the name's look will, is a confident invention. Asking
+    the twins the same attributes keeps the kind of question (a year, a colour, a name)
+    from telling known and unknown lands apart: the first version drew the attribute at
+    random, and answer length alone then ranked them (AUROC 0.275, inverted).
     """
     questions = []
     for n, idx in enumerate(unknown):
         twin_name, twin_values = lands[known[n % len(known)]]
         name = _fresh_word(rng, used, functools.partial(_one_vowel_changed, rng, twin_name))
-        values = lands[idx][1]
-        attribute = rng.choice([a for a in _FACT_FORMS if values[a] != twin_values[a]])
+        values = dict(lands[idx][1])
+        attribute = asked[n % len(asked)]
+        if values[attribute] == twin_values[attribute]:  # names are unique: a flag or a year
+            values[attribute] = (
+                rng.choice([c for c in _COLOURS if c != values[attribute]])
+                if attribute == "flag"
+                else str(1200 + (int(values[attribute]) - 1200 + rng.randint(1, 699)) % 700)
+            )
         lands[idx] = (name, values)
         questions.append(example(idx, attribute, "qa", "unknown"))
     return questions
