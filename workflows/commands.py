@@ -330,7 +330,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         return 0
     if submission.refs is not None:
         print(
-            f"using the chart's WorkflowTemplates {sorted(submission.refs.values())}",
+            f"using the chart's WorkflowTemplates {', '.join(sorted(submission.refs.values()))}",
             file=sys.stderr,
         )
     else:

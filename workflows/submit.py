@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,7 @@ def submit_argo(manifest: Mapping[str, Any], server: str, token: str | None, nam
             WorkflowCreateRequest.model_validate({"workflow": manifest}), namespace=namespace
         )
     except Exception as err:
+        _refuse_existing(err, manifest, namespace)
         raise SubmitError(f"Argo server {server} refused the workflow: {_reason(err)}") from None
     return str(created.metadata.name)
 
@@ -208,8 +210,22 @@ def submit_kubernetes(manifest: Mapping[str, Any], namespace: str) -> str:
             ARGO_GROUP, ARGO_VERSION, namespace, "workflows", dict(manifest)
         )
     except Exception as err:
+        _refuse_existing(err, manifest, namespace)
         raise SubmitError(f"cannot create the Workflow in {namespace}: {_reason(err)}") from None
     return str(created["metadata"]["name"])
+
+
+def _refuse_existing(err: Exception, manifest: Mapping[str, Any], namespace: str) -> None:
+    """A workflow is named after its run, so resubmitting a run (`--run`) meets the last
+    workflow of it while Argo keeps it: say how to clear it."""
+    if getattr(err, "status_code", getattr(err, "status", None)) != HTTPStatus.CONFLICT:
+        return
+    name = manifest["metadata"]["name"]
+    raise SubmitError(
+        f"workflow {name} already exists in {namespace}: delete it first (`argo delete -n "
+        f"{namespace} {name}`, or `kubectl delete workflow -n {namespace} {name}`); the run's "
+        "finished stages stay cached"
+    ) from None
 
 
 def phase_reader(

@@ -51,6 +51,7 @@ class Recorder:
         self.nodes: list[dict[str, Any]] = []
         self.store: str | None = None  # the chart's ConfigMap holds it; None: no chart
         self.templates: list[str] = []  # WorkflowTemplates in every namespace
+        self.workflows: set[str] = set()  # names of the Workflows created, as Argo keeps them
 
     def posts(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["method"] == "POST"]
@@ -108,11 +109,15 @@ def server() -> Iterator[tuple[str, Recorder]]:
                 {"method": "POST", "path": self.path, "headers": dict(self.headers), "body": body}
             )
             # The Argo server takes a create request and answers 200; Kubernetes takes the
-            # Workflow itself and answers 201 Created.
-            if "workflow" in body:
-                self._reply(200, body["workflow"])
-            else:
-                self._reply(201, body)
+            # Workflow itself and answers 201 Created; both refuse a name in use with 409.
+            workflow = body.get("workflow", body)
+            name = workflow["metadata"]["name"]
+            if name in recorder.workflows:
+                message = f'workflows.argoproj.io "{name}" already exists'
+                self._reply(409, {"code": 6, "message": message, "reason": "AlreadyExists"})
+                return
+            recorder.workflows.add(name)
+            self._reply(200 if "workflow" in body else 201, workflow)
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -372,6 +377,14 @@ def test_contract_resubmitting_a_run_keeps_its_id_and_spec(server, kubeconfig, t
     store_dir = str(tmp_path / "store")
     assert _submit(url, "--store", store_dir) == 0
     run_id = capsys.readouterr().out.strip()
+    # Argo still keeps the run's first workflow, under the same name: say how to clear it.
+    assert _submit(url, "--store", store_dir, "--run", run_id) != 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"driftlab: error: workflow {run_id} already exists in driftlab: delete it first "
+        f"(`argo delete -n driftlab {run_id}`, or `kubectl delete workflow -n driftlab "
+        f"{run_id}`); the run's finished stages stay cached"
+    )
+    recorder.workflows.clear()  # argo delete
     assert _submit(url, "--store", store_dir, "--run", run_id) == 0
     assert capsys.readouterr().out.strip() == run_id
     second = recorder.posts()[-1]["body"]["workflow"]
