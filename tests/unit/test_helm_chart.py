@@ -417,3 +417,11 @@ def test_service_monitor_scrapes_the_pushgateway_with_the_release_label(
         helm, chart, "--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.release=kps"
     )
     assert _of_kind(docs, "ServiceMonitor")[0]["metadata"]["labels"]["release"] == "kps"
+
+
+def test_install_notes_name_the_versioned_pipeline_template(helm: Path, chart: Path) -> None:
+    done = _run(helm, "install", "driftlab", str(chart), "-n", NAMESPACE, "--dry-run=client")
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    pipeline = pipeline_template_name(load_spec(workflow_templates.PROFILE_SPECS["gpu"]), "gpu")
+    assert f"--from workflowtemplate/{pipeline} -p run=RUN_ID" in notes
