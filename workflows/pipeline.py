@@ -481,15 +481,16 @@ def _pipeline_dag(name: str, templates: Mapping[str, StageTemplate], shape: _Sha
             if stage.shard is not None:
                 if stage.items == "checkpoints":
                     items = f"{{{{tasks.{stage_registry.CHECKPOINTS.task}.outputs.result}}}}"
+                    loop: dict[str, Any] = {"with_param": items}
                 else:
                     items = json.dumps(shape.sae_layers)
-                if stage.task in capped:
+                    loop = {"with_items": list(shape.sae_layers)}
+                if stage.task in capped:  # the wrapper loops over its `items` input
                     arguments["items"] = items
                     options = {"template": capped[stage.task]}
                 else:
                     arguments[stage.shard] = "{{item}}"
-                    fan_out = "with_param" if stage.items == "checkpoints" else "with_items"
-                    options[fan_out] = items if fan_out == "with_param" else shape.sae_layers
+                    options.update(loop)
             tasks[stage.task] = task = Task(name=stage.task, arguments=arguments, **options)
             for dep in waits_for(stage.task):
                 tasks[dep] >> task
