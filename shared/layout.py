@@ -43,12 +43,15 @@ def validate_run_id(run_id: str) -> str:
     return run_id
 
 
-def new_run_id(name: str, now: datetime | None = None) -> str:
-    """`<name>-<yyyymmdd-hhmmss>-<6 hex>` with `name` folded to DNS-1123 (lower case, '-')."""
+def new_run_id(name: str, now: datetime | None = None, token: str | None = None) -> str:
+    """`<name>-<yyyymmdd-hhmmss>-<6 hex>` with `name` folded to DNS-1123 (lower case, '-').
+
+    `now` and `token` (6 characters) fix the stamp, for renders that must not draw an id.
+    """
     clean = _NAME_CLEAN_RE.sub("-", name.lower()).strip("-")
     clean = re.sub(r"-{2,}", "-", clean)[: MAX_RUN_ID - _SUFFIX_LEN].strip("-") or "run"
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
-    return validate_run_id(f"{clean}-{stamp}-{secrets.token_hex(3)}")
+    return validate_run_id(f"{clean}-{stamp}-{token or secrets.token_hex(3)}")
 
 
 def _check_step(step: int) -> int:

@@ -42,6 +42,7 @@ __all__ = [
     "RunBusy",
     "hold_lease",
     "read_lease",
+    "refuse_if_held",
 ]
 
 #: A lease not renewed for this long is taken to belong to a dead writer.
@@ -125,6 +126,24 @@ def hold_lease(store: Store, run_id: str, holder: str, *, steal: bool = False) -
             store.delete(layout.lease_key(run_id))
 
 
+def refuse_if_held(store: Store, run_id: str) -> None:
+    """Raise `RunBusy` naming the holder while a live writer holds the run's lease.
+
+    For writers that start the run elsewhere (`driftlab submit --run`) and so cannot hold
+    the lease themselves: they must not start a second writer beside a live one.
+    """
+    current = read_lease(store, run_id)
+    if current is not None and not current.abandoned():
+        raise _busy(run_id, current)
+
+
+def _busy(run_id: str, current: Lease) -> RunBusy:
+    return RunBusy(
+        f"run {run_id} is being written by {current.describe()}; wait for it to finish "
+        f"(`driftlab runs --filter run_id={run_id}`), or stop it"
+    )
+
+
 def _take(store: Store, run_id: str, holder: str, steal: bool) -> Lease:
     key = layout.lease_key(run_id)
     lease = _fresh(holder)
@@ -145,10 +164,7 @@ def _take(store: Store, run_id: str, holder: str, steal: bool) -> Lease:
         )
         return lease
     if not current.expired():
-        raise RunBusy(
-            f"run {run_id} is being written by {current.describe()}; wait for it to finish "
-            f"(`driftlab runs --filter run_id={run_id}`), or stop it"
-        )
+        raise _busy(run_id, current)
     if not steal:
         raise RunBusy(
             f"run {run_id} was being written by {current.describe()}, which has expired: its "

@@ -116,8 +116,9 @@ SAE = Stage(
     "sae-train", "sae", "sae", "services.sae", "train", "layer", "layers", "sae", True,
     24 * _HOUR, after=("extract",),
 )  # fmt: skip
+#: On a GPU: it generates detect.samples answers and runs each through every layer's SAE.
 DETECT = Stage(
-    "detect", "detect", "sae", "services.sae", "detect", None, None, "detect", False,
+    "detect", "detect", "sae", "services.sae", "detect", None, None, "detect", True,
     12 * _HOUR, after=("sae-train",),
 )  # fmt: skip
 EVALUATE = Stage(

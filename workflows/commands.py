@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from shared.errors import run_command
@@ -18,6 +18,7 @@ from shared.registry import add_store_argument
 if TYPE_CHECKING:
     from hera.workflows import Workflow
 
+    from shared.spec import RunSpec
     from workflows.local import RunResult
     from workflows.pipeline import Profile
 
@@ -88,7 +89,14 @@ def add_workflow_parsers(commands: Any) -> None:
     submit.add_argument(
         "--store",
         default=None,
-        help="store URL the pods use (default $DRIFTLAB_STORE or s3://driftlab)",
+        help="store URL the pods use (default $DRIFTLAB_STORE, else the store named by the "
+        "ConfigMap driftlab-config the chart installs in --namespace)",
+    )
+    submit.add_argument(
+        "--run",
+        metavar="RUN_ID",
+        help="resubmit this registered run (same spec; finished stages are cached); refused "
+        "while a live writer holds it",
     )
     submit.add_argument("--wait", action="store_true", help="follow the tasks until done")
     submit.add_argument(
@@ -272,13 +280,16 @@ def _timings(nodes: list[Any]) -> str:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    """Check the cluster, then the store, then register and submit: nothing is written to
+    the store before the cluster has answered, so a wrong kubeconfig or Argo address costs
+    no registration and no waiting on a store that was never meant."""
     import yaml
 
-    from shared.registry import create_run
-    from shared.store import open_store
     from workflows.pipeline import Cluster, Images, compiled
+    from workflows.submission import new_run_ids
     from workflows.submit import (
-        SubmitError,
+        check_argo_server,
+        check_kubernetes,
         choose_profile,
         follow,
         list_nodes,
@@ -289,6 +300,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     )
 
     build = load_builder(args.target)
+    if not args.dry_run:
+        if args.via == "argo":
+            check_argo_server(args.argo_server, args.token, args.namespace)
+        else:
+            check_kubernetes()
+    store_url = _submit_store(args)
     profile = args.profile
     if profile == "auto":
         if args.dry_run:
@@ -297,20 +314,33 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         else:
             profile, why = choose_profile(list_nodes())
             print(why, file=sys.stderr)
-    cluster = Cluster(namespace=args.namespace)
-    submission = build(profile, store=args.store, images=Images.from_environment(), cluster=cluster)
+    run_ids = new_run_ids if args.run is None else (lambda spec, index: args.run)
+    installed = () if args.dry_run else _installed_templates(args)
+    submission = build(
+        profile,
+        store=store_url,
+        images=Images.from_environment(),
+        cluster=Cluster(namespace=args.namespace),
+        run_ids=run_ids,
+        installed=installed,
+    )
     manifest = compiled(submission.workflow)
     if args.dry_run:
         sys.stdout.write(yaml.safe_dump(manifest, sort_keys=False))
         return 0
-    if args.via == "argo" and not args.argo_server:
-        raise SubmitError(
-            "no Argo server: pass --argo-server URL or set $ARGO_SERVER (or use --via kubernetes)"
+    if submission.refs is not None:
+        print(
+            f"using the chart's WorkflowTemplates {', '.join(sorted(submission.refs.values()))}",
+            file=sys.stderr,
         )
-    store_url = manifest["spec"]["arguments"]["parameters"][-1]["value"]
-    store = open_store(store_url)
-    for run_id, spec in submission.specs.items():
-        create_run(store, spec, run_id)
+    else:
+        print(
+            f"templates inlined: namespace {args.namespace} holds no WorkflowTemplates "
+            "versioned for this spec's resources and profile (the chart installs those of "
+            "its profile's spec)",
+            file=sys.stderr,
+        )
+    _register(submission.specs, store_url, args.run)
     if args.via == "argo":
         name = submit_argo(manifest, args.argo_server, args.token, args.namespace)
         where = f"{args.argo_server.rstrip('/')}/workflows/{args.namespace}/{name}"
@@ -326,3 +356,61 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     phase = follow(name, phase_reader(args.via, args.argo_server, args.token, args.namespace))
     print(f"{name} {phase.lower()}", file=sys.stderr)
     return 0 if phase == "Succeeded" else 1
+
+
+def _installed_templates(args: argparse.Namespace) -> list[str]:
+    """The WorkflowTemplates the stage tasks could reference; none when they cannot be
+    listed (RBAC may forbid it), since inlined templates run just the same."""
+    from workflows.submit import SubmitError, installed_templates
+
+    try:
+        return installed_templates(args.via, args.argo_server, args.token, args.namespace)
+    except SubmitError as err:
+        print(f"{err}: inlining the templates", file=sys.stderr)
+        return []
+
+
+def _submit_store(args: argparse.Namespace) -> str:
+    """--store, else $DRIFTLAB_STORE, else the store of the chart installed in the namespace.
+
+    Never a guess: a cluster run's artifacts must land where its pods can reach them.
+    """
+    from workflows.submit import CHART_CONFIGMAP, SubmitError, chart_store
+
+    given = args.store or os.environ.get("DRIFTLAB_STORE")
+    if given:
+        return str(given)
+    if args.dry_run:
+        raise SubmitError(
+            "no store: pass --store URL or set $DRIFTLAB_STORE (a dry run reads nothing from "
+            "the cluster)"
+        )
+    found = chart_store(args.namespace)
+    if found is None:
+        raise SubmitError(
+            f"no store: pass --store URL, set $DRIFTLAB_STORE, or install the driftlab chart "
+            f"in namespace {args.namespace} (its ConfigMap {CHART_CONFIGMAP} names the store)"
+        )
+    print(f"store {found} (ConfigMap {args.namespace}/{CHART_CONFIGMAP})", file=sys.stderr)
+    return found
+
+
+def _register(specs: Mapping[str, RunSpec], store_url: str, resubmitted: str | None) -> None:
+    """Write every run's spec before a pod can look for it; a resubmitted run must exist,
+    keep its spec, and have no live writer (a `driftlab run` of it here, say)."""
+    from shared import layout
+    from shared.lease import refuse_if_held
+    from shared.registry import create_run
+    from shared.store import open_store
+    from workflows.submit import SubmitError
+
+    store = open_store(store_url)
+    if resubmitted is not None:
+        if not store.exists(layout.spec_key(resubmitted)):
+            raise SubmitError(
+                f"run {resubmitted} is not registered in {store_url}: leave out --run to "
+                "register a new run, or pass the --store it lives in"
+            )
+        refuse_if_held(store, resubmitted)
+    for run_id, spec in specs.items():
+        create_run(store, spec, run_id)

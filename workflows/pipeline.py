@@ -11,10 +11,18 @@ Graph::
           -> ot, and sae-train (one task per layer, withItems)
           -> detect -> evaluate            (onExit: record the outcome, clear Pushgateway)
 
-Profiles: `gpu` puts train, extract and sae-train on GPU nodes (node selector, the
-`nvidia.com/gpu` toleration and GPU limits) and lets every stage pick its device; `cpu` is
-the fallback for clusters (and laptops) without GPUs: no selector, toleration or GPU
+Profiles: `gpu` puts train, extract, sae-train and detect on GPU nodes (node selector,
+the `nvidia.com/gpu` toleration and GPU limits) and lets every stage pick its device; `cpu`
+is the fallback for clusters (and laptops) without GPUs: no selector, toleration or GPU
 limit, `--device cpu` everywhere, and requests capped so a kind cluster can schedule them.
+
+A fan-out with a cap (`ResourcesSpec.fan_out_limit`: in the gpu profile by default, as
+many pods as `resources.gpu_budget` GPUs hold) runs inside its own DAG template,
+`<task>-fan-out`, whose Argo `parallelism` is the cap; its task in the pipeline keeps the
+stage's name, so dependencies read the same.
+
+Stage tasks run inline templates, or, given `refs` (task -> WorkflowTemplate name, see
+workflows/template_names.py), `templateRef`s to the chart's versioned WorkflowTemplates.
 
 Every pod, in both profiles, runs as the images' non-root user with RuntimeDefault seccomp,
 no privilege escalation, every capability dropped and a read-only root filesystem; /tmp is
@@ -55,6 +63,7 @@ from hera.workflows.models import (
     PodSecurityContext,
     SeccompProfile,
     SecurityContext,
+    TemplateRef,
     Toleration,
     TTLStrategy,
 )
@@ -84,6 +93,8 @@ EXIT_HANDLER = stage_registry.FINISH.task
 # USER of deploy/docker/base.Dockerfile: numeric, so the kubelet can check runAsNonRoot.
 IMAGE_UID = 10001
 TMP_VOLUME = "tmp"
+#: Name suffix of the DAG template that caps a fan-out's pods at once.
+FAN_OUT_SUFFIX = "fan-out"
 _HOUR = 3600
 
 
@@ -151,19 +162,21 @@ def build_workflow(
     store: str,
     run_id: str | None = None,
     cluster: Cluster | None = None,
+    refs: Mapping[str, str] | None = None,
 ) -> Workflow:
     """The workflow of one run; `run_id` defaults to a fresh id from `run.name`.
 
     The workflow is named after the run, so one run is one workflow and the Argo UI, the
-    store and `driftlab runs` all say the same name.
+    store and `driftlab runs` all say the same name. With `refs`, stage tasks reference
+    those WorkflowTemplates instead of inlining their templates.
     """
     run_id = layout.validate_run_id(run_id or layout.new_run_id(spec.run.name))
     images = images or Images()
     cluster = cluster or Cluster()
     labels = {APP_LABEL: "driftlab", RUN_LABEL: run_id}
     with _workflow_shell(run_id, store, labels, cluster) as workflow:
-        templates = _container_templates(spec, profile, images, cluster)
-        _pipeline_dag(ENTRYPOINT, templates, _shape(spec))
+        templates = _stage_templates(spec, profile, images, cluster, refs)
+        _pipeline_dag(ENTRYPOINT, templates, _shape(spec, profile))
         _finish_template(["{{workflow.parameters.run}}"], images, cluster)
     workflow.arguments = [Parameter(name="run", value=run_id), Parameter(name="store", value=store)]
     return workflow
@@ -178,6 +191,7 @@ def build_sweep_workflow(
     store: str,
     parallelism: int = 2,
     cluster: Cluster | None = None,
+    refs: Mapping[str, str] | None = None,
 ) -> Workflow:
     """One pipeline per registered run of a sweep, at most `parallelism` at a time.
 
@@ -191,9 +205,9 @@ def build_sweep_workflow(
         raise WorkflowError(f"sweep parallelism must be at least 1, got {parallelism}")
     run_ids = [layout.validate_run_id(r) for r in specs]
     first = next(iter(specs.values()))
-    shape = _shape(first)
+    shape = _shape(first, profile)
     for run_id, spec in specs.items():
-        if _shape(spec) != shape:
+        if _shape(spec, profile) != shape:
             raise WorkflowError(
                 f"sweep {sweep_name}: run {run_id} differs from {run_ids[0]} in its SAE layers, "
                 "detect.enabled or resources; one sweep workflow runs one graph, so submit "
@@ -204,7 +218,7 @@ def build_sweep_workflow(
     name = layout.validate_run_id(f"sweep-{sweep_name}"[: layout.MAX_RUN_ID].rstrip("-"))
     labels = {APP_LABEL: "driftlab", SWEEP_LABEL: sweep_name}
     with _workflow_shell(name, store, labels, cluster, entrypoint="sweep") as workflow:
-        templates = _container_templates(first, profile, images, cluster)
+        templates = _stage_templates(first, profile, images, cluster, refs)
         pipeline = _pipeline_dag(ENTRYPOINT, templates, shape)
         with DAG(name="sweep", parallelism=parallelism):
             for run_id in run_ids:
@@ -257,11 +271,23 @@ def _tmp_volume() -> EmptyDirVolume:
     return EmptyDirVolume(name=TMP_VOLUME, mount_path="/tmp")
 
 
-def _container_templates(
-    spec: RunSpec, profile: Profile, images: Images, cluster: Cluster
-) -> dict[str, Container]:
+#: What a stage task runs: its inline container, or a WorkflowTemplate's template.
+StageTemplate = Container | TemplateRef
+
+
+def _stage_templates(
+    spec: RunSpec,
+    profile: Profile,
+    images: Images,
+    cluster: Cluster,
+    refs: Mapping[str, str] | None,
+) -> dict[str, StageTemplate]:
     if profile not in PROFILES:
         raise WorkflowError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}")
+    if refs is not None:
+        return {
+            s.task: TemplateRef(name=refs[s.task], template=s.task) for s in stage_registry.PIPELINE
+        }
     return {s.task: _container(s, spec, profile, images, cluster) for s in stage_registry.PIPELINE}
 
 
@@ -391,13 +417,50 @@ class _Shape(NamedTuple):
     sae_layers: list[int]
     detect: bool
     resources: ResourcesSpec
+    #: Fan-out task -> pods at once, for the capped ones.
+    limits: tuple[tuple[str, int], ...]
 
 
-def _shape(spec: RunSpec) -> _Shape:
-    return _Shape(sae_layers(spec), spec.detect.enabled, spec.resources)
+def _shape(spec: RunSpec, profile: Profile) -> _Shape:
+    limits = []
+    for stage in stage_registry.PIPELINE:
+        if stage.shard is not None and stage.resources is not None:
+            on_gpu = profile == "gpu" and stage.gpu
+            limit = spec.resources.fan_out_limit(stage.resources, on_gpu)
+            if limit is not None:
+                limits.append((stage.task, limit))
+    return _Shape(sae_layers(spec), spec.detect.enabled, spec.resources, tuple(limits))
 
 
-def _pipeline_dag(name: str, templates: Mapping[str, Container], shape: _Shape) -> DAG:
+def _task_template(template: StageTemplate) -> dict[str, Any]:
+    """Hera's Task keyword for an inline template or a WorkflowTemplate's."""
+    return (
+        {"template_ref": template} if isinstance(template, TemplateRef) else {"template": template}
+    )
+
+
+def _capped_fan_outs(templates: Mapping[str, StageTemplate], shape: _Shape) -> dict[str, DAG]:
+    """Fan-out task -> the DAG template that runs its items, `parallelism` at a time.
+
+    Argo's `parallelism` bounds a template's children, so the cap needs a template of its
+    own: the items arrive as the JSON parameter `items`."""
+    capped = {}
+    for task, limit in shape.limits:
+        stage = stage_registry.by_task(task)
+        assert stage.shard is not None
+        inputs = [Parameter(name="run"), Parameter(name="items")]
+        with DAG(name=f"{task}-{FAN_OUT_SUFFIX}", inputs=inputs, parallelism=limit) as dag:
+            Task(
+                name=task,
+                arguments={"run": "{{inputs.parameters.run}}", stage.shard: "{{item}}"},
+                with_param="{{inputs.parameters.items}}",
+                **_task_template(templates[task]),
+            )
+        capped[task] = dag
+    return capped
+
+
+def _pipeline_dag(name: str, templates: Mapping[str, StageTemplate], shape: _Shape) -> DAG:
     """The stage DAG of one run, as the stage registry lays it out; its input `run` is
     passed to every task. A stage the spec switches off (detect) is left out and its
     dependents wait for its own dependencies instead."""
@@ -405,6 +468,7 @@ def _pipeline_dag(name: str, templates: Mapping[str, Container], shape: _Shape) 
     enabled = [s for s in stage_registry.PIPELINE if s is not stage_registry.DETECT or shape.detect]
     present = {s.task for s in enabled}
     upstream = {s.task: s.after for s in stage_registry.PIPELINE}
+    capped = _capped_fan_outs(templates, shape)
 
     def waits_for(task: str) -> list[str]:
         return [t for dep in upstream[task] for t in ([dep] if dep in present else waits_for(dep))]
@@ -413,17 +477,21 @@ def _pipeline_dag(name: str, templates: Mapping[str, Container], shape: _Shape) 
         tasks: dict[str, Task] = {}
         for stage in enabled:
             arguments = dict(run)
-            fan_out: dict[str, Any] = {}
+            options: dict[str, Any] = _task_template(templates[stage.task])
             if stage.shard is not None:
-                arguments[stage.shard] = "{{item}}"
                 if stage.items == "checkpoints":
-                    result = f"{{{{tasks.{stage_registry.CHECKPOINTS.task}.outputs.result}}}}"
-                    fan_out["with_param"] = result
+                    items = f"{{{{tasks.{stage_registry.CHECKPOINTS.task}.outputs.result}}}}"
+                    loop: dict[str, Any] = {"with_param": items}
                 else:
-                    fan_out["with_items"] = list(shape.sae_layers)
-            tasks[stage.task] = task = Task(
-                name=stage.task, template=templates[stage.task], arguments=arguments, **fan_out
-            )
+                    items = json.dumps(shape.sae_layers)
+                    loop = {"with_items": list(shape.sae_layers)}
+                if stage.task in capped:  # the wrapper loops over its `items` input
+                    arguments["items"] = items
+                    options = {"template": capped[stage.task]}
+                else:
+                    arguments[stage.shard] = "{{item}}"
+                    options.update(loop)
+            tasks[stage.task] = task = Task(name=stage.task, arguments=arguments, **options)
             for dep in waits_for(stage.task):
                 tasks[dep] >> task
     return dag

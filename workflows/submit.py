@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from workflows.submission import Builder, pipeline_builder
 
 ARGO_GROUP = "argoproj.io"
 ARGO_VERSION = "v1alpha1"
+#: The ConfigMap the chart installs (helm/driftlab/templates/config.yaml); its `store` is
+#: where submitted runs go when neither --store nor $DRIFTLAB_STORE says.
+CHART_CONFIGMAP = "driftlab-config"
 _DONE_PHASES = ("Succeeded", "Failed", "Error")
 
 
@@ -76,7 +80,7 @@ def list_nodes() -> list[Any]:
     """The cluster's nodes, through the kubeconfig (or the in-cluster service account)."""
     from kubernetes import client
 
-    _load_kube_config()
+    _load_kube_config("to choose the profile, or pass --profile gpu|cpu")
     try:
         items: list[Any] = client.CoreV1Api().list_node().items
     except Exception as err:
@@ -84,7 +88,60 @@ def list_nodes() -> list[Any]:
     return items
 
 
-def _load_kube_config() -> None:
+def check_kubernetes() -> None:
+    """Fail fast, before the store is touched, when `--via kubernetes` cannot reach the API.
+
+    `/version` is readable by every authenticated user, so a refusal there is the
+    kubeconfig's fault, not a missing RBAC rule.
+    """
+    from kubernetes import client
+
+    _load_kube_config("to create the Workflow, or use --via argo")
+    try:
+        client.VersionApi().get_code()
+    except Exception as err:
+        raise SubmitError(
+            f"the Kubernetes API of the kubeconfig's current context does not answer "
+            f"({_reason(err)}): fix KUBECONFIG or its context, or use --via argo"
+        ) from None
+
+
+def check_argo_server(server: str, token: str | None, namespace: str) -> None:
+    """Fail fast, before the store is touched, when the Argo server does not answer."""
+    from hera.workflows import WorkflowsService
+
+    if not server:
+        raise SubmitError(
+            "no Argo server: pass --argo-server URL or set $ARGO_SERVER (or use --via kubernetes)"
+        )
+    try:
+        WorkflowsService(host=server, token=token, namespace=namespace).get_version()
+    except Exception as err:
+        raise SubmitError(
+            f"Argo server {server} does not answer ({_reason(err)}): check --argo-server and "
+            "--token (or $ARGO_SERVER, $ARGO_TOKEN), or use --via kubernetes"
+        ) from None
+
+
+def chart_store(namespace: str) -> str | None:
+    """The store URL the chart's ConfigMap names in `namespace`; None when there is none."""
+    from kubernetes import client
+
+    _load_kube_config(f"to read the store from the ConfigMap {CHART_CONFIGMAP}, or pass --store")
+    try:
+        config_map: Any = client.CoreV1Api().read_namespaced_config_map(CHART_CONFIGMAP, namespace)
+    except Exception as err:
+        if getattr(err, "status", None) == 404:
+            return None
+        raise SubmitError(
+            f"cannot read the ConfigMap {namespace}/{CHART_CONFIGMAP}: {_reason(err)}; "
+            "pass --store URL or set $DRIFTLAB_STORE"
+        ) from None
+    store: str | None = (config_map.data or {}).get("store") or None
+    return store
+
+
+def _load_kube_config(why: str) -> None:
     from kubernetes import config
 
     try:
@@ -95,8 +152,7 @@ def _load_kube_config() -> None:
             config.load_incluster_config()
         except Exception:
             raise SubmitError(
-                "no Kubernetes configuration: set KUBECONFIG (or ~/.kube/config), or pass "
-                "--profile gpu|cpu"
+                f"no Kubernetes configuration: set KUBECONFIG (or ~/.kube/config) {why}"
             ) from None
 
 
@@ -106,6 +162,27 @@ def _reason(err: Exception) -> str:
     if status:
         return f"HTTP {status} {reason or ''}".strip()
     return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def installed_templates(via: str, server: str, token: str | None, namespace: str) -> list[str]:
+    """Names of the WorkflowTemplates in `namespace`, through the same API submit uses."""
+    try:
+        if via == "argo":
+            from hera.workflows import WorkflowsService
+
+            service = WorkflowsService(host=server, token=token, namespace=namespace)
+            listed = service.list_workflow_templates(namespace=namespace)
+            return [str(t.metadata.name) for t in listed.items or []]
+        from kubernetes import client
+
+        found: Any = client.CustomObjectsApi().list_namespaced_custom_object(
+            ARGO_GROUP, ARGO_VERSION, namespace, "workflowtemplates"
+        )
+    except Exception as err:
+        raise SubmitError(
+            f"cannot list the WorkflowTemplates of {namespace}: {_reason(err)}"
+        ) from None
+    return [str(item["metadata"]["name"]) for item in found.get("items") or []]
 
 
 def submit_argo(manifest: Mapping[str, Any], server: str, token: str | None, namespace: str) -> str:
@@ -118,6 +195,7 @@ def submit_argo(manifest: Mapping[str, Any], server: str, token: str | None, nam
             WorkflowCreateRequest.model_validate({"workflow": manifest}), namespace=namespace
         )
     except Exception as err:
+        _refuse_existing(err, manifest, namespace)
         raise SubmitError(f"Argo server {server} refused the workflow: {_reason(err)}") from None
     return str(created.metadata.name)
 
@@ -126,14 +204,28 @@ def submit_kubernetes(manifest: Mapping[str, Any], namespace: str) -> str:
     """Create the Workflow custom object directly; the Argo controller picks it up."""
     from kubernetes import client
 
-    _load_kube_config()
+    _load_kube_config("to create the Workflow, or use --via argo")
     try:
         created: Any = client.CustomObjectsApi().create_namespaced_custom_object(
             ARGO_GROUP, ARGO_VERSION, namespace, "workflows", dict(manifest)
         )
     except Exception as err:
+        _refuse_existing(err, manifest, namespace)
         raise SubmitError(f"cannot create the Workflow in {namespace}: {_reason(err)}") from None
     return str(created["metadata"]["name"])
+
+
+def _refuse_existing(err: Exception, manifest: Mapping[str, Any], namespace: str) -> None:
+    """A workflow is named after its run, so resubmitting a run (`--run`) meets the last
+    workflow of it while Argo keeps it: say how to clear it."""
+    if getattr(err, "status_code", getattr(err, "status", None)) != HTTPStatus.CONFLICT:
+        return
+    name = manifest["metadata"]["name"]
+    raise SubmitError(
+        f"workflow {name} already exists in {namespace}: delete it first (`argo delete -n "
+        f"{namespace} {name}`, or `kubectl delete workflow -n {namespace} {name}`); the run's "
+        "finished stages stay cached"
+    ) from None
 
 
 def phase_reader(

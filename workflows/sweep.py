@@ -3,18 +3,17 @@
 The lr x seed grid of configs/sweeps/lr-seeds.yaml over configs/tiny-cpu.yaml, at most
 DEFAULT_SWEEP_PARALLELISM runs at a time; copy this module for another base or sweep.
 
-    driftlab submit workflows/sweep.py [--profile auto|gpu|cpu] [--wait]   # or: python workflows/sweep.py
-    hera generate yaml workflows/sweep.py
+    driftlab submit workflows/sweep.py [--profile auto|gpu|cpu] --store URL [--wait]   # or: python workflows/sweep.py
+    hera generate yaml workflows/sweep.py   # render it (fixed run ids, registered by nothing)
 """
 
 import sys
 
 from workflows.commands import script_main
-from workflows.pipeline import Images
-from workflows.submission import cluster_store, sweep_builder
+from workflows.submission import preview, sweep_builder
 
 build = sweep_builder("tiny-cpu.yaml", "lr-seeds.yaml")
-workflow = build("gpu", store=cluster_store(), images=Images.from_environment()).workflow
+workflow = preview(build)  # what `hera generate yaml` renders; no run id is drawn
 
 if __name__ == "__main__":
     sys.exit(script_main())

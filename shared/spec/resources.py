@@ -56,6 +56,10 @@ class StageResources(Section):
     """Memory request, e.g. "4Gi" or "512Mi"."""
     gpus: Int = Field(default=0, ge=0)
     """GPUs (nvidia.com/gpu) per pod."""
+    parallelism: Int | None = Field(default=None, ge=1)
+    """Pods of this stage at once, for the stages with a pod per item (extract: one per
+    checkpoint, sae: one per layer); unset: in the gpu profile as many as
+    `resources.gpu_budget` GPUs hold, otherwise no cap."""
 
 
 def _stage_default(cpu: str, memory: str) -> Any:
@@ -77,10 +81,25 @@ class ResourcesSpec(Section):
     """Detection pod."""
     evaluate: StageResources = _stage_default("500m", "1Gi")
     """Evaluator pod."""
+    gpu_budget: Int = Field(default=1, ge=1)
+    """GPUs one run's fan-out may hold at once in the gpu profile: a stage with a pod per
+    item runs at most gpu_budget // (its pods' GPUs, at least 1) of them at a time, unless
+    its own `parallelism` says otherwise."""
 
     def for_stage(self, stage: str) -> StageResources:
         """The resources of `stage` (one of shared.stage_registry.STATUS_NAMES)."""
-        if stage not in type(self).model_fields:
+        value = getattr(self, stage, None) if stage in type(self).model_fields else None
+        if not isinstance(value, StageResources):
             raise KeyError(f"no resources for stage {stage!r}")
-        value: StageResources = getattr(self, stage)
         return value
+
+    def fan_out_limit(self, stage: str, on_gpu: bool) -> int | None:
+        """Pods of `stage` at once: its `parallelism`, else (pods on GPUs) what the GPU
+        budget holds, else None (no cap). Asking the cluster for every layer's GPU pod at
+        once leaves most of them pending and the run's quota exhausted."""
+        wanted = self.for_stage(stage)
+        if wanted.parallelism is not None:
+            return wanted.parallelism
+        if not on_gpu:
+            return None
+        return max(1, self.gpu_budget // max(1, wanted.gpus))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -24,7 +25,11 @@ import yaml
 from deploy import workflow_templates
 from deploy.helm_tool import helm_binary
 from shared import dashboards
+from shared.spec import load_spec
 from tests.support import ARGO, ROOT
+from workflows.pipeline import Profile
+from workflows.submit import CHART_CONFIGMAP
+from workflows.template_names import pipeline_template_name, template_names
 
 CHART = ROOT / "helm" / "driftlab"
 KIND_VALUES = CHART / "values-kind.yaml"
@@ -186,13 +191,58 @@ def test_workflow_templates_validate_against_argo_schemas(
 ) -> None:
     templates = _of_kind(request.getfixturevalue(which), "WorkflowTemplate")
     names = {t["metadata"]["name"] for t in templates}
-    assert names == {
-        "driftlab-pipeline",
-        *(f"driftlab-{s}" for s in workflow_templates.STAGE_TASKS),
-    }
+    profile: Profile = "cpu" if which == "kind_docs" else "gpu"  # values-kind.yaml: cpu
+    assert names == _versioned_names(profile)
     for doc in templates:
         assert _errors(template_validators, doc) == [], doc["metadata"]["name"]
         assert "@@" not in json.dumps(doc), "a placeholder was left unfilled"
+
+
+def _versioned_names(profile: Profile) -> set[str]:
+    """The names `driftlab submit` looks for, for the spec the chart's profile is built from."""
+    spec = load_spec(workflow_templates.PROFILE_SPECS[profile])
+    return {pipeline_template_name(spec, profile), *template_names(spec, profile).values()}
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_template_names_carry_the_version_submit_references(profile: Profile) -> None:
+    """`driftlab submit` finds the chart's templates by these names: a stage's name changes
+    exactly when what it runs changes, so an old chart is never referenced by new code."""
+    rendered = workflow_templates.render(profile)
+    names = {m["metadata"]["name"] for m in rendered.values()}
+    assert names == _versioned_names(profile)
+    for task in workflow_templates.STAGE_TASKS:
+        name = rendered[f"driftlab-{task}.yaml"]["metadata"]["name"]
+        assert re.fullmatch(rf"driftlab-{task}-v[0-9a-f]{{10}}", name)
+    assert re.fullmatch(
+        r"driftlab-pipeline-v[0-9a-f]{10}", rendered["driftlab-pipeline.yaml"]["metadata"]["name"]
+    )
+
+
+def test_the_check_catches_a_template_of_another_version(tmp_path: Path) -> None:
+    """`--check` stays honest: a file whose template name is stale is reported."""
+    out = tmp_path / "workflowtemplates"
+    written = workflow_templates.write(out)
+    assert workflow_templates.stale_files(out) == []
+    text = written[0].read_text()
+    old = re.search(r"name: (driftlab-[a-z-]+-v[0-9a-f]{10})", text)
+    assert old is not None
+    written[0].write_text(text.replace(old.group(1), old.group(1)[:-1] + "x"))
+    assert workflow_templates.stale_files(out) == [str(written[0])]
+
+
+def test_the_config_map_names_the_release_store(helm: Path, chart: Path) -> None:
+    """What `driftlab submit` reads when given no --store (workflows/submit.py)."""
+    for args, store in (
+        ((), "s3://driftlab"),
+        (("--set", "store.url=s3://lab/runs"), "s3://lab/runs"),
+    ):
+        (config,) = [
+            d for d in _template(helm, chart, *args) if d["metadata"]["name"] == CHART_CONFIGMAP
+        ]
+        assert config["kind"] == "ConfigMap"
+        assert config["metadata"]["namespace"] == NAMESPACE
+        assert config["data"] == {"store": store}
 
 
 def test_argo_schema_catches_a_broken_template(
@@ -208,7 +258,7 @@ def test_checked_in_workflow_templates_match_the_pipeline_builder() -> None:
 
 
 def test_release_values_reach_the_workflow_templates(kind_docs: list[dict[str, Any]]) -> None:
-    (pipeline,) = [d for d in kind_docs if d["metadata"]["name"] == "driftlab-pipeline"]
+    (pipeline,) = [d for d in kind_docs if d["metadata"]["name"].startswith("driftlab-pipeline-")]
     spec = pipeline["spec"]
     assert pipeline["metadata"]["namespace"] == NAMESPACE
     assert spec["serviceAccountName"] == "driftlab-workflow"
@@ -229,7 +279,7 @@ def test_release_values_reach_the_workflow_templates(kind_docs: list[dict[str, A
 
 
 def test_gpu_profile_places_gpu_stages_on_gpu_nodes(default_docs: list[dict[str, Any]]) -> None:
-    (train,) = [d for d in default_docs if d["metadata"]["name"] == "driftlab-train"]
+    (train,) = [d for d in default_docs if d["metadata"]["name"].startswith("driftlab-train-")]
     (template,) = train["spec"]["templates"]
     assert template["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert template["container"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -367,3 +417,11 @@ def test_service_monitor_scrapes_the_pushgateway_with_the_release_label(
         helm, chart, "--set", "serviceMonitor.enabled=true", "--set", "serviceMonitor.release=kps"
     )
     assert _of_kind(docs, "ServiceMonitor")[0]["metadata"]["labels"]["release"] == "kps"
+
+
+def test_install_notes_name_the_versioned_pipeline_template(helm: Path, chart: Path) -> None:
+    done = _run(helm, "install", "driftlab", str(chart), "-n", NAMESPACE, "--dry-run=client")
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    pipeline = pipeline_template_name(load_spec(workflow_templates.PROFILE_SPECS["gpu"]), "gpu")
+    assert f"--from workflowtemplate/{pipeline} -p run=RUN_ID" in notes

@@ -334,6 +334,46 @@ def test_a_sweep_runs_its_nested_pipelines_parallelism_at_a_time(tmp_path):
     assert [n.name for n in result.nodes][:2] == ["main.run-0.a", "main.run-0.b"]
 
 
+def test_a_capped_fan_out_runs_its_items_from_an_input_parallelism_at_a_time(tmp_path):
+    """The pipeline's capped fan-out (`<task>-fan-out`): a DAG with `parallelism` looping
+    over its `items` input, which an earlier task's output fills."""
+    journal = tmp_path / "journal"
+    work = _timed_work(journal)
+    work["inputs"] = {"parameters": [{"name": "layer"}]}
+    work["container"]["args"] = ["{{inputs.parameters.layer}}"]
+    capped = {
+        "inputs": {"parameters": [{"name": "items"}]},
+        "parallelism": 2,
+        "dag": {
+            "tasks": [
+                {
+                    "name": "work",
+                    "template": "work",
+                    "withParam": "{{inputs.parameters.items}}",
+                    "arguments": {"parameters": [{"name": "layer", "value": "{{item}}"}]},
+                }
+            ]
+        },
+    }
+    items = _script("print('[0, 1, 2, 3, 4]')")
+    tasks = [
+        {"name": "list", "template": "list"},
+        {
+            "name": "fan-out",
+            "template": "capped",
+            "depends": "list",
+            "arguments": {
+                "parameters": [{"name": "items", "value": "{{tasks.list.outputs.result}}"}]
+            },
+        },
+    ]
+    templates = {"list": items, "capped": capped, "work": work}
+    result = run_workflow(_workflow(tasks, templates), workers=4, log_dir=tmp_path / "logs")
+    assert result.ok
+    assert _peak(journal) == 2
+    assert len(_lines(journal)) == 2 * 5
+
+
 def test_nested_dag_with_inputs_from_workflow_arguments(tmp_path):
     journal = tmp_path / "journal"
     inner = {

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
+from shared import layout
 from shared.spec import apply_overrides, load_spec
 from tests.support import ARGO, GOLDEN, ROOT, TINY_SPEC
 from workflows.local.manifest import read_workflow
@@ -32,6 +35,7 @@ from workflows.pipeline import (
     sae_layers,
 )
 from workflows.submit import load_builder
+from workflows.template_names import installed_refs, template_names
 
 GOLDEN_WORKFLOWS = GOLDEN / "workflows"
 MODULES = ("tiny_cpu", "gpt2_small", "gpt2_medium", "grokking", "sweep")
@@ -71,7 +75,7 @@ def _default_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _manifest(module: str, profile: str) -> dict[str, Any]:
     build = load_builder(str(ROOT / "workflows" / f"{module}.py"))
-    return compiled(build(profile).workflow)  # type: ignore[arg-type]
+    return compiled(build(profile, store="s3://driftlab").workflow)  # type: ignore[arg-type]
 
 
 def _errors(validator: Any, manifest: dict[str, Any]) -> list[str]:
@@ -121,7 +125,7 @@ def _templates(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_gpu_placement_is_exactly_on_the_gpu_stages(module: str) -> None:
     gpu = _templates(_manifest(module, "gpu"))
     cpu = _templates(_manifest(module, "cpu"))
-    assert set(GPU_STAGES) == {"train", "extract", "sae-train"}
+    assert set(GPU_STAGES) == {"train", "extract", "sae-train", "detect"}
     for name in STAGE_TASKS:
         on_gpu = name in GPU_STAGES
         limits = gpu[name]["container"]["resources"].get("limits", {})
@@ -212,10 +216,101 @@ def test_templates_carry_the_cluster_contract() -> None:
     assert resources["requests"]["memory"] == spec.resources.train.memory
 
     tasks = {t["name"]: t for t in templates["pipeline"]["dag"]["tasks"]}
-    assert tasks["extract"]["withParam"] == "{{tasks.list-checkpoints.outputs.result}}"
-    assert tasks["sae-train"]["withItems"] == [0, 1]  # tiny-cpu: 1 block + embeddings
     assert tasks["evaluate"]["depends"] == "ot && detect"
     assert tasks["detect"]["depends"] == "sae-train"
+    # The gpu profile caps the GPU fan-outs (resources.gpu_budget 1: one pod at a time).
+    checkpoints = "{{tasks.list-checkpoints.outputs.result}}"
+    assert _arguments(tasks["extract"]) == {
+        "run": "{{inputs.parameters.run}}",
+        "items": checkpoints,
+    }
+    assert json.loads(_arguments(tasks["sae-train"])["items"]) == [0, 1]  # 1 block + embeddings
+    uncapped = _templates(
+        compiled(build_workflow(spec, "cpu", store="s3://bucket/runs", run_id="tiny-1"))
+    )
+    tasks = {t["name"]: t for t in uncapped["pipeline"]["dag"]["tasks"]}
+    assert tasks["extract"]["withParam"] == checkpoints
+    assert tasks["sae-train"]["withItems"] == [0, 1]
+
+
+def _arguments(task: dict[str, Any]) -> dict[str, str]:
+    return {p["name"]: p["value"] for p in task["arguments"]["parameters"]}
+
+
+def _fan_out(manifest: dict[str, Any], task: str) -> tuple[int | None, dict[str, Any]]:
+    """The pods-at-once cap of a fan-out task (None: uncapped) and its looping task."""
+    templates = _templates(manifest)
+    (outer,) = [t for t in templates["pipeline"]["dag"]["tasks"] if t["name"] == task]
+    if "withItems" in outer or "withParam" in outer:
+        return None, outer
+    wrapper = templates[outer["template"]]
+    (inner,) = wrapper["dag"]["tasks"]
+    assert inner["withParam"] == "{{inputs.parameters.items}}"
+    return wrapper["parallelism"], inner
+
+
+@pytest.mark.parametrize(
+    ("overrides", "profile", "sae_cap", "extract_cap"),
+    [
+        ({}, "gpu", 1, 1),  # the default budget: one GPU for the run's fan-out
+        ({"resources.gpu_budget": 8}, "gpu", 8, 8),
+        ({"resources.gpu_budget": 8, "resources.sae.gpus": 2}, "gpu", 4, 8),
+        ({"resources.sae.parallelism": 3}, "gpu", 3, 1),
+        ({}, "cpu", None, None),  # no GPUs asked for: no cap unless the spec sets one
+        ({"resources.sae.parallelism": 2}, "cpu", 2, None),
+    ],
+)
+def test_fan_outs_are_capped_by_the_gpu_budget_or_their_parallelism(
+    overrides: dict[str, Any],
+    profile: str,
+    sae_cap: int | None,
+    extract_cap: int | None,
+    schema_validator: Any,
+    crd_validator: Any,
+) -> None:
+    """gpt2-medium's 25 SAE pods (24Gi, a GPU each) must not all be asked for at once."""
+    spec = apply_overrides(load_spec(ROOT / "configs" / "gpt2-medium.yaml"), overrides)
+    manifest = compiled(build_workflow(spec, profile, store="s3://b", run_id="m-1"))  # type: ignore[arg-type]
+    assert _errors(schema_validator, manifest) == []
+    assert _errors(crd_validator, manifest) == []
+    cap, sae = _fan_out(manifest, "sae-train")
+    assert cap == sae_cap
+    assert _arguments(sae)["layer"] == "{{item}}"
+    assert _fan_out(manifest, "extract")[0] == extract_cap
+    read_workflow(manifest)  # the local runner runs the capped form too
+
+
+def test_template_refs_replace_the_inline_stage_templates(
+    schema_validator: Any, crd_validator: Any
+) -> None:
+    spec = load_spec(ROOT / "configs" / "gpt2-medium.yaml")
+    refs = template_names(spec, "gpu")
+    manifest = compiled(build_workflow(spec, "gpu", store="s3://b", run_id="m-1", refs=refs))
+    assert _errors(schema_validator, manifest) == []
+    assert _errors(crd_validator, manifest) == []
+    templates = _templates(manifest)
+    assert not set(STAGE_TASKS) & set(templates)  # nothing of a stage is inlined
+    referenced = {}
+    for template in templates.values():
+        for task in template.get("dag", {}).get("tasks", []):
+            if "templateRef" in task:
+                referenced[task["name"]] = task["templateRef"]
+    assert referenced == {t: {"name": refs[t], "template": t} for t in STAGE_TASKS}
+    assert all(re.fullmatch(rf"driftlab-{t}-v[0-9a-f]{{10}}", refs[t]) for t in STAGE_TASKS)
+
+
+def test_template_versions_follow_what_the_template_runs() -> None:
+    spec = load_spec(ROOT / "configs" / "gpt2-medium.yaml")
+    names = template_names(spec, "gpu")
+    assert names == template_names(spec, "gpu")  # no clock, no randomness
+    cpu = template_names(spec, "cpu")
+    # Every stage's pods differ between profiles but the checkpoint listing's (no device).
+    assert {t for t in STAGE_TASKS if names[t] == cpu[t]} == {"list-checkpoints"}
+    bigger = template_names(apply_overrides(spec, {"resources.sae.memory": "32Gi"}), "gpu")
+    assert {t for t in STAGE_TASKS if names[t] != bigger[t]} == {"sae-train"}
+    assert installed_refs(spec, "gpu", [*names.values(), "other"]) == names
+    assert installed_refs(spec, "gpu", list(cpu.values())) is None
+    assert installed_refs(spec, "gpu", list(names.values())[1:]) is None  # all or none
 
 
 def test_a_spec_without_detection_has_no_detect_task(schema_validator: Any) -> None:
@@ -290,3 +385,43 @@ def test_local_runs_execute_the_gpu_profile_when_pytorch_sees_a_gpu(
         assert device_of_train() == device
     commands.run_registered(run_id, store.url, profile="gpu")
     assert device_of_train() == "auto"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_importing_a_workflow_module_draws_no_run_id(
+    module: str, monkeypatch: pytest.MonkeyPatch, schema_validator: Any
+) -> None:
+    """`hera generate yaml` imports the module: the same text every time, no id drawn."""
+    from hera._cli.generate.yaml import load_workflows_from_module
+
+    def no_draw(*_: Any) -> str:
+        raise AssertionError("importing a workflow module drew a run id")
+
+    monkeypatch.setattr(layout.secrets, "token_hex", no_draw)
+    path = ROOT / "workflows" / f"{module}.py"
+    texts = [[yaml.safe_dump(w.to_dict()) for w in load_workflows_from_module(path)] for _ in "ab"]
+    assert len(texts[0]) == 1 and texts[0] == texts[1]
+    manifest = yaml.safe_load(texts[0][0])
+    assert _errors(schema_validator, manifest) == []
+    assert manifest["spec"]["arguments"]["parameters"][-1] == {
+        "name": "store",
+        "value": "s3://driftlab",  # the chart's default store.url: $DRIFTLAB_STORE is unset
+    }
+
+
+def test_hera_cli_renders_a_workflow_module(tmp_path: Path, schema_validator: Any) -> None:
+    """The README's `hera generate yaml workflows/gpt2_medium.py`, as a user runs it."""
+    hera = Path(sys.executable).parent / "hera"
+    if not hera.is_file():
+        pytest.fail(f"{hera} is missing: `make install` brings Hera's CLI with driftlab[workflows]")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DRIFTLAB_STORE", None)
+    done = subprocess.run(
+        [str(hera), "generate", "yaml", "workflows/gpt2_medium.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    manifest = yaml.safe_load(done.stdout)
+    assert _errors(schema_validator, manifest) == []
+    assert manifest["metadata"]["name"] == "gpt2-medium-20000101-000000-000000"
+    assert _fan_out(manifest, "sae-train")[0] == 1

@@ -333,11 +333,25 @@ def test_resume_point():
 
 
 def test_resources_cover_every_stage_and_take_k8s_quantities():
-    assert set(ResourcesSpec.model_fields) == set(stage_registry.STATUS_NAMES)
+    assert set(ResourcesSpec.model_fields) == {*stage_registry.STATUS_NAMES, "gpu_budget"}
     spec = parse_spec("resources:\n  train: {cpu: 2, memory: 4Gi, gpus: 1}\n  ot: {cpu: 0.5}\n")
     assert spec.resources.for_stage("train").cpu == "2"
     assert spec.resources.for_stage("train").gpus == 1
     assert spec.resources.ot.cpu == "0.5"
+    with pytest.raises(KeyError):
+        spec.resources.for_stage("gpu_budget")  # a budget, not a stage
+
+
+def test_fan_out_limits_follow_parallelism_then_the_gpu_budget():
+    spec = parse_spec(
+        "resources:\n  gpu_budget: 4\n  sae: {gpus: 2}\n  extract: {parallelism: 3}\n"
+    )
+    assert spec.resources.fan_out_limit("sae", on_gpu=True) == 2  # 4 GPUs, 2 a pod
+    assert spec.resources.fan_out_limit("sae", on_gpu=False) is None
+    assert spec.resources.fan_out_limit("extract", on_gpu=False) == 3
+    assert RunSpec().resources.fan_out_limit("sae", on_gpu=True) == 1
+    with pytest.raises(SpecError, match=r"resources\.sae\.parallelism"):
+        parse_spec("resources:\n  sae: {parallelism: 0}\n")
 
 
 def test_specs_are_frozen():
