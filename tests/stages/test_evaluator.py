@@ -100,6 +100,7 @@ def test_paired_difference_ci_is_the_percentile_interval_of_same_draw_difference
         rows = np.concatenate([pos[p_draw], neg[n_draw]])
         y = LABELS[rows]
         diffs.append(roc_auc_score(y, SCORES[rows]) - roc_auc_score(y, other[rows]))
+    assert got is not None
     assert got == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
     assert got[0] > 0  # the stronger score wins beyond the noise
     # a score sharing most of SCORES' errors: pairing cancels them, two separate
