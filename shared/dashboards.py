@@ -9,11 +9,20 @@ nothing pushes. The JSON is checked in under helm/driftlab/files/dashboards/ (th
 ships it as a ConfigMap for Grafana's dashboard sidecar) and never edited by hand; a test
 fails when it is out of sync.
 
-Queries: gauges plot their latest value, counters their total (work done so far),
-histograms their p50 and p95 over `$__rate_interval`; all filtered by the `run_id`
-variable, one series per run/stage/shard (and per label such as `layer`). Argo's own
-per-task metrics (declared by workflows/pipeline.py's templates, prefixed by the Argo
-controller) give the stage durations and failures row.
+Panels: gauges that move are time series; a stage's final numbers (scores, timestamps)
+are stats; 0/1 and verdict gauges are state timelines with their states named; counters
+marked `per_second` plot `rate()` (throughput), others their total; histograms their p50
+and p95 over `$__rate_interval`. Every driftlab query is filtered by the `run_id` variable,
+one series per run/stage/shard (and per label such as `layer`).
+
+Annotations (Prometheus queries, one per metric whose `Panel.annotation` is set): a
+`*_timestamp_seconds` gauge is placed at its value (Grafana's "series value as
+timestamp", in ms), so stage starts and ends are points at the moment they happened; any
+other metric at the end of the stage attempt that pushed it (OT change points).
+
+Argo's own per-task metrics (declared by workflows/pipeline.py's templates, prefixed by
+the Argo controller) give the task durations and failures, filtered by the `namespace` and
+`workflow` variables.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import DriftlabError
-from shared.metrics import METRICS, ROWS, MetricDef
+from shared.metrics import METRICS, ROWS, MetricDef, metric
 
 DEFAULT_OUT = Path("helm") / "driftlab" / "files" / "dashboards"
 DASHBOARD_FILE = "driftlab.json"
@@ -37,6 +46,8 @@ ARGO_TASK_TOTAL = "argo_workflows_driftlab_task_total"
 ARGO_METRICS = (ARGO_TASK_DURATION, ARGO_TASK_TOTAL)
 
 _SELECTOR = '{job="driftlab", run_id=~"$run_id"}'
+_ARGO_FILTER = 'workflow_namespace=~"$namespace", workflow=~"$workflow"'
+_END = metric("driftlab_stage_end_timestamp_seconds").name
 _DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 _ROW_TITLES: Mapping[str, str] = {
     "stages": "Stages",
@@ -65,42 +76,73 @@ def _legend(m: MetricDef) -> str:
     return " ".join(parts)
 
 
+def _target(expr: str, legend: str, ref: str = "A") -> dict[str, Any]:
+    return {"refId": ref, "datasource": _DATASOURCE, "expr": expr, "legendFormat": legend}
+
+
 def _targets(m: MetricDef) -> list[dict[str, Any]]:
     """PromQL of one metric; every query names the metric it plots."""
     if m.kind == "histogram":
         by = ", ".join(("le", "run_id", "stage", "shard", *m.labels))
         return [
-            {
-                "refId": ref,
-                "datasource": _DATASOURCE,
-                "expr": f"histogram_quantile({q}, sum by ({by}) "
+            _target(
+                f"histogram_quantile({q}, sum by ({by}) "
                 f"(rate({m.name}_bucket{_SELECTOR}[$__rate_interval])))",
-                "legendFormat": f"p{round(q * 100)} {_legend(m)}",
-            }
+                f"p{round(q * 100)} {_legend(m)}",
+                ref,
+            )
             for ref, q in (("A", 0.5), ("B", 0.95))
         ]
-    return [
-        {
-            "refId": "A",
-            "datasource": _DATASOURCE,
-            "expr": f"{m.name}{_SELECTOR}",
-            "legendFormat": _legend(m),
-        }
-    ]
+    if m.panel.per_second:
+        return [_target(f"rate({m.name}{_SELECTOR}[$__rate_interval])", _legend(m))]
+    return [_target(f"{m.name}{_SELECTOR}", _legend(m))]
 
 
 def _panel(
-    title: str, unit: str, targets: list[dict[str, Any]], description: str
+    title: str,
+    unit: str,
+    targets: list[dict[str, Any]],
+    description: str,
+    style: str = "timeseries",
+    states: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, Any]:
+    """One Grafana panel; stats show each series' last value, state timelines name states."""
+    defaults: dict[str, Any] = {"unit": unit}
+    options: dict[str, Any] = {"legend": {"displayMode": "list", "placement": "bottom"}}
+    if style == "stat":
+        options = {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "textMode": "value_and_name",
+            "graphMode": "none",
+            "colorMode": "none",
+            "justifyMode": "auto",
+            "orientation": "auto",
+        }
+    if states:
+        defaults["mappings"] = [
+            {
+                "type": "value",
+                "options": {
+                    str(value): {"text": text, "color": color, "index": value}
+                    for value, (text, color) in enumerate(states)
+                },
+            }
+        ]
+        options = {**options, "showValue": "auto", "mergeValues": True, "rowHeight": 0.9}
     return {
-        "type": "timeseries",
+        "type": style,
         "title": title,
         "description": description,
         "datasource": _DATASOURCE,
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "options": options,
         "targets": targets,
     }
+
+
+def _metric_panel(m: MetricDef) -> dict[str, Any]:
+    p = m.panel
+    return _panel(p.title, p.grafana_unit, _targets(m), m.help, p.style, p.states)
 
 
 def _argo_panels() -> list[dict[str, Any]]:
@@ -109,41 +151,95 @@ def _argo_panels() -> list[dict[str, Any]]:
             "Task duration by stage (Argo)",
             "s",
             [
-                {
-                    "refId": "A",
-                    "datasource": _DATASOURCE,
-                    "expr": f"max by (stage, status) ({ARGO_TASK_DURATION})",
-                    "legendFormat": "{{stage}} {{status}}",
-                }
+                _target(
+                    f"max by (stage, status) ({ARGO_TASK_DURATION}{{{_ARGO_FILTER}}})",
+                    "{{stage}} {{status}}",
+                )
             ],
-            "Duration of the latest driftlab task per stage and final status, from Argo's metrics.",
+            "Duration of the latest driftlab task per stage and final status, from Argo's "
+            "metrics, for the chosen namespaces and workflows.",
+            "stat",
         ),
         _panel(
             "Failed tasks by stage (Argo)",
             "short",
             [
-                {
-                    "refId": "A",
-                    "datasource": _DATASOURCE,
-                    "expr": f'sum by (stage) (increase({ARGO_TASK_TOTAL}{{status=~"Failed|Error"}}[$__range]))',
-                    "legendFormat": "{{stage}}",
-                }
+                _target(
+                    f"sum by (stage) (increase({ARGO_TASK_TOTAL}"
+                    f'{{{_ARGO_FILTER}, status=~"Failed|Error"}}[$__range]))',
+                    "{{stage}}",
+                )
             ],
-            "driftlab tasks that ended Failed or Error in the time range, from Argo's metrics.",
+            "driftlab tasks that ended Failed or Error in the time range, from Argo's metrics, "
+            "for the chosen namespaces and workflows.",
+            "stat",
         ),
     ]
 
 
+def _annotation(m: MetricDef) -> dict[str, Any]:
+    """A Grafana annotation from the metric's series: see the module docstring."""
+    if m.name.endswith("_timestamp_seconds"):
+        expr = f"{m.name}{_SELECTOR} * 1000"
+    else:
+        expr = (
+            f"({m.name}{_SELECTOR} * 0 + on (job, run_id, stage, shard) "
+            f"group_left {_END}{_SELECTOR}) * 1000"
+        )
+    return {
+        "name": m.panel.title,
+        "datasource": _DATASOURCE,
+        "enable": True,
+        "iconColor": "rgba(255, 96, 96, 1)" if m.panel.row == "ot" else "rgba(0, 211, 255, 1)",
+        "expr": expr,
+        "step": "60s",
+        "useValueForTime": True,
+        "titleFormat": m.panel.annotation,
+        "tagKeys": ",".join(("run_id", "stage", *m.labels)),
+        "textFormat": m.help,
+    }
+
+
+def annotation_list() -> list[dict[str, Any]]:
+    """Grafana's built-in annotations, then one per metric declared with an annotation."""
+    builtin = {
+        "builtIn": 1,
+        "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+        "enable": True,
+        "hide": True,
+        "iconColor": "rgba(0, 211, 255, 1)",
+        "name": "Annotations & Alerts",
+        "type": "dashboard",
+    }
+    return [builtin, *(_annotation(m) for m in METRICS if m.panel.annotation)]
+
+
 def _rows() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     for row in ROWS:
-        panels = [
-            _panel(m.panel.title, m.panel.grafana_unit, _targets(m), m.help)
-            for m in METRICS
-            if m.panel.row == row
-        ]
+        panels = [_metric_panel(m) for m in METRICS if m.panel.row == row]
         if row == "stages":
             panels += _argo_panels()
         yield _ROW_TITLES[row], panels
+
+
+def _argo_variable(name: str, label: str, source_label: str, series: str) -> dict[str, Any]:
+    """A multi-value variable over one label of Argo's task metrics ("All" by default)."""
+    query = f"label_values({series}, {source_label})"
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": _DATASOURCE,
+        "query": {"query": query, "refId": name},
+        "definition": query,
+        "refresh": 2,
+        "multi": True,
+        "includeAll": True,
+        "allValue": ".*",
+        "current": {},
+        "sort": 1,
+        "hide": 0,
+    }
 
 
 def dashboard() -> dict[str, Any]:
@@ -195,6 +291,13 @@ def dashboard() -> dict[str, Any]:
                     "current": {},
                     "hide": 0,
                 },
+                _argo_variable("namespace", "Namespace", "workflow_namespace", ARGO_TASK_TOTAL),
+                _argo_variable(
+                    "workflow",
+                    "Workflow",
+                    "workflow",
+                    f'{ARGO_TASK_TOTAL}{{workflow_namespace=~"$namespace"}}',
+                ),
                 {
                     "name": "run_id",
                     "label": "Run",
@@ -215,7 +318,7 @@ def dashboard() -> dict[str, Any]:
                 },
             ]
         },
-        "annotations": {"list": []},
+        "annotations": {"list": annotation_list()},
         "panels": panels,
     }
 

@@ -30,6 +30,7 @@ from types import MappingProxyType
 from typing import Literal
 
 Kind = Literal["gauge", "counter", "histogram"]
+Style = Literal["timeseries", "stat", "state-timeline"]
 Row = Literal["stages", "training", "extraction", "ot", "sae", "detection"]
 
 # Dashboard rows, top to bottom.
@@ -46,17 +47,34 @@ _LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 UNITS = ("", "seconds", "bytes", "ratio")
 
 
+# A 0/1 gauge's states (value i is states[i]): (text, Grafana color).
+OUTCOME_STATES = (("ok", "green"), ("failed", "red"))
+RUNNING_STATES = (("ended", "blue"), ("running", "green"))
+VERDICT_STATES = (("ok", "green"), ("warn", "yellow"), ("fail", "red"))
+
+
 @dataclass(frozen=True)
 class Panel:
     """How the dashboard generator shows a metric.
 
     `grafana_unit` is a Grafana unit id ("percentunit", "s", "dateTimeAsIso", "short",
     "none", "bytes", ...), kept explicit so the generator needs no name heuristics.
+    `style` is the Grafana panel type: "timeseries" for values that move, "stat" for one
+    number a stage ends with (a final score, a timestamp), "state-timeline" for states;
+    `states` names the values of a state gauge (value i is `states[i]`, text and color).
+    `per_second` plots a counter's `rate()` instead of its total: a throughput is never a
+    gauge of its own, so it cannot disagree with the count it is derived from.
+    `annotation` (a title template over the series' labels) also marks the dashboard's
+    time axis with the metric (shared/dashboards.py says how each kind of metric is placed).
     """
 
     title: str
     row: Row
     grafana_unit: str = "short"
+    style: Style = "timeseries"
+    states: tuple[tuple[str, str], ...] = ()
+    per_second: bool = False
+    annotation: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,10 @@ def _problems(m: MetricDef) -> list[str]:
         out.append("buckets must be strictly increasing")
     if m.panel.row not in ROWS:
         out.append(f"panel row must be one of {ROWS}")
+    if m.panel.per_second and m.kind != "counter":
+        out.append("only a counter's panel can plot its per-second rate")
+    if bool(m.panel.states) != (m.panel.style == "state-timeline"):
+        out.append("state-timeline panels, and only they, name their states")
     return out
 
 
@@ -146,12 +168,40 @@ METRICS: tuple[MetricDef, ...] = (
         Panel("Duration", "stages", "s"),
     ),
     MetricDef(
+        "driftlab_stage_start_timestamp_seconds",
+        "gauge",
+        "Unix time at which the stage's latest attempt started.",
+        (),
+        "seconds",
+        Panel(
+            "Started",
+            "stages",
+            "dateTimeAsIso",
+            "stat",
+            annotation="{{stage}} {{shard}} started",
+        ),
+    ),
+    MetricDef(
+        "driftlab_stage_end_timestamp_seconds",
+        "gauge",
+        "Unix time at which the stage's latest attempt ended, successfully or not.",
+        (),
+        "seconds",
+        Panel(
+            "Ended",
+            "stages",
+            "dateTimeAsIso",
+            "stat",
+            annotation="{{stage}} {{shard}} ended",
+        ),
+    ),
+    MetricDef(
         "driftlab_stage_last_success_timestamp_seconds",
         "gauge",
         "Unix time at which the stage last finished successfully.",
         (),
         "seconds",
-        Panel("Last success", "stages", "dateTimeAsIso"),
+        Panel("Last success", "stages", "dateTimeAsIso", "stat"),
     ),
     MetricDef(
         "driftlab_stage_failed",
@@ -159,7 +209,7 @@ METRICS: tuple[MetricDef, ...] = (
         "1 when the stage ended with an error, else 0.",
         (),
         "",
-        Panel("Failed", "stages", "none"),
+        Panel("Outcome", "stages", "none", "state-timeline", OUTCOME_STATES),
     ),
     MetricDef(
         "driftlab_stage_running",
@@ -167,7 +217,7 @@ METRICS: tuple[MetricDef, ...] = (
         "1 while the stage runs, 0 once it ended; stays 1 if it died without a final push.",
         (),
         "",
-        Panel("Running", "stages", "none"),
+        Panel("Running", "stages", "none", "state-timeline", RUNNING_STATES),
     ),
     MetricDef(
         "driftlab_quality_verdict",
@@ -175,7 +225,7 @@ METRICS: tuple[MetricDef, ...] = (
         "A stage's verdict on its own output per check (shared.quality): 0 ok, 1 warn, 2 fail.",
         ("check",),
         "",
-        Panel("Quality verdicts", "stages", "none"),
+        Panel("Quality verdicts", "stages", "none", "state-timeline", VERDICT_STATES),
     ),
     # -- train ---------------------------------------------------------------------------
     MetricDef(
@@ -219,20 +269,12 @@ METRICS: tuple[MetricDef, ...] = (
         Panel("Gradient norm", "training", "none"),
     ),
     MetricDef(
-        "driftlab_train_tokens_per_second",
-        "gauge",
-        "Training throughput over the latest logging interval, in tokens per second.",
-        (),
-        "",
-        Panel("Train throughput (tokens/s)", "training"),
-    ),
-    MetricDef(
         "driftlab_train_tokens_total",
         "counter",
         "Tokens the model has trained on, counting from step 0 across resumes.",
         (),
         "",
-        Panel("Tokens trained", "training"),
+        Panel("Train throughput (tokens/s)", "training", per_second=True),
     ),
     MetricDef(
         "driftlab_train_step",
@@ -258,15 +300,7 @@ METRICS: tuple[MetricDef, ...] = (
         "Probe tokens run through a checkpoint to record hidden states.",
         (),
         "",
-        Panel("Tokens extracted", "extraction"),
-    ),
-    MetricDef(
-        "driftlab_extract_tokens_per_second",
-        "gauge",
-        "Extraction throughput over the latest batch, in tokens per second.",
-        (),
-        "",
-        Panel("Extraction throughput (tokens/s)", "extraction"),
+        Panel("Extraction throughput (tokens/s)", "extraction", per_second=True),
     ),
     # -- ot ------------------------------------------------------------------------------
     MetricDef(
@@ -276,6 +310,28 @@ METRICS: tuple[MetricDef, ...] = (
         (),
         "",
         Panel("OT pairs done", "ot"),
+    ),
+    MetricDef(
+        "driftlab_ot_change_points",
+        "gauge",
+        "Change points the OT stage found in the mean step-drift curve (0 when none).",
+        (),
+        "",
+        Panel("OT change points", "ot", "none", "stat"),
+    ),
+    MetricDef(
+        "driftlab_ot_change_point_magnitude",
+        "gauge",
+        "Jump in mean step drift (after minus before) at each change point, by training step.",
+        ("step",),
+        "",
+        Panel(
+            "OT change points by step",
+            "ot",
+            "none",
+            "stat",
+            annotation="OT change point at step {{step}}",
+        ),
     ),
     # -- sae (per layer) -----------------------------------------------------------------
     MetricDef(
@@ -300,23 +356,23 @@ METRICS: tuple[MetricDef, ...] = (
         "Fraction of SAE features that have not fired within the dead-feature window.",
         _LAYER,
         "ratio",
-        Panel("Dead features", "sae", "percentunit"),
+        Panel("Dead features", "sae", "percentunit", "stat"),
     ),
     MetricDef(
-        "driftlab_sae_explained_variance_ratio",
+        "driftlab_sae_explained_variance",
         "gauge",
-        "Fraction of hidden-state variance the SAE reconstruction explains.",
-        _LAYER,
-        "ratio",
-        Panel("Explained variance", "sae", "percentunit"),
-    ),
-    MetricDef(
-        "driftlab_sae_samples_per_second",
-        "gauge",
-        "SAE training throughput, in hidden-state vectors per second.",
+        "1 - residual/total variance of the SAE reconstruction: at most 1, negative when worse than the mean.",
         _LAYER,
         "",
-        Panel("SAE throughput (samples/s)", "sae"),
+        Panel("Explained variance", "sae", "none", "stat"),
+    ),
+    MetricDef(
+        "driftlab_sae_samples_total",
+        "counter",
+        "Hidden-state vectors the SAE has trained on.",
+        _LAYER,
+        "",
+        Panel("SAE throughput (samples/s)", "sae", per_second=True),
     ),
     # -- detect --------------------------------------------------------------------------
     MetricDef(
@@ -325,7 +381,7 @@ METRICS: tuple[MetricDef, ...] = (
         "Area under the ROC curve of the hallucination detector on the labelled answers.",
         (),
         "",
-        Panel("Detection AUROC", "detection", "none"),
+        Panel("Detection AUROC", "detection", "none", "stat"),
     ),
     MetricDef(
         "driftlab_detect_answers_total",

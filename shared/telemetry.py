@@ -17,7 +17,8 @@ One `progress(...)` at once
 - keeps every metric in a private `CollectorRegistry` and PUTs it to the Pushgateway at
   `$DRIFTLAB_PUSHGATEWAY` (`host:port` or a URL) at most every 2 s, under the grouping key
   {job="driftlab", run_id, stage[, shard]}, with a final push on close that records the
-  duration and success or failure.
+  duration, the end time and success or failure (every push carries the start time: the
+  dashboard's start and end annotations).
 
 Decisions:
 
@@ -81,6 +82,8 @@ _RATIO = metric("driftlab_stage_progress_ratio").name
 _DONE = metric("driftlab_stage_items_done_total").name
 _EXPECTED = metric("driftlab_stage_items_expected").name
 _DURATION = metric("driftlab_stage_duration_seconds").name
+_STARTED = metric("driftlab_stage_start_timestamp_seconds").name
+_ENDED = metric("driftlab_stage_end_timestamp_seconds").name
 _LAST_SUCCESS = metric("driftlab_stage_last_success_timestamp_seconds").name
 _FAILED = metric("driftlab_stage_failed").name
 _RUNNING = metric("driftlab_stage_running").name
@@ -238,6 +241,7 @@ class Progress:
         self._push_interval = PUSH_INTERVAL_S
         self._closed = False
         self._start = time.monotonic()
+        self._started_at = time.time()
         self._bar = (
             tqdm(total=total, initial=initial, desc=desc or stage, unit=unit, dynamic_ncols=True)
             if sys.stderr.isatty()
@@ -394,6 +398,9 @@ class Progress:
             values.set(_EXPECTED, self.total, {})
             values.set(_RATIO, min(self._n / self.total, 1.0) if self.total else 1.0, {})
         values.set(_DURATION, now - self._start, {})
+        values.set(_STARTED, self._started_at, {})
+        if final:
+            values.set(_ENDED, time.time(), {})
         values.set(_RUNNING, 0 if final else 1, {})
         values.set(_FAILED, 1 if failed else 0, {})
         if final and not failed:

@@ -46,6 +46,18 @@ class PushgatewayServer:
             if sample.name == name and labels.items() <= sample.labels.items()
         ]
 
+    def names(self, **labels: str) -> set[str]:
+        """Metric names with a sample whose labels include `labels`: counters by their
+        `_total` name, histograms by their family name (not `_bucket`/`_count`/`_sum`)."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return {
+            family.name if family.type == "histogram" else sample.name
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if labels.items() <= sample.labels.items()
+        }
+
     def value(self, name: str, **labels: str) -> float:
         """The one sample `name`{labels...}; fails unless exactly one matches."""
         found = self.samples(name, **labels)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,3 +80,45 @@ def register_run(store: Store, overrides: Mapping[str, Any] | None = None, base:
     from shared.spec import RunSpec, apply_overrides
 
     return create_run(store, apply_overrides(base or RunSpec(), dict(overrides or {})))
+
+
+# -- PromQL of the generated dashboards -----------------------------------------------------
+
+#: What in a PromQL expression is not a metric name: strings, label matchers, ranges,
+#: grouping label lists, then function names (an identifier before "(") and keywords.
+_PROMQL_NOISE = re.compile(
+    r'"(?:[^"\\]|\\.)*"|\{[^}]*\}|\[[^\]]*\]'
+    r"|\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)"
+)
+_IDENTIFIER = re.compile(r"(?<![A-Za-z0-9_:.])[A-Za-z_:][A-Za-z0-9_:]*")
+_PROMQL_KEYWORDS = frozenset(
+    {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
+     "group_left", "group_right", "inf", "nan"}
+)  # fmt: skip
+_HISTOGRAM_SERIES = re.compile(r"_(?:bucket|count|sum)$")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names an expression selects; a histogram's series by its family name."""
+    bare = _PROMQL_NOISE.sub(" ", expr)
+    return {
+        _HISTOGRAM_SERIES.sub("", found.group())
+        for found in _IDENTIFIER.finditer(bare)
+        if found.group().lower() not in _PROMQL_KEYWORDS
+        and not bare[found.end() :].lstrip().startswith("(")
+    }
+
+
+def dashboard_queries(board: Mapping[str, Any]) -> Iterator[str]:
+    """Every PromQL expression of a Grafana dashboard: panel targets, then annotations."""
+    for panel in board["panels"]:
+        for target in panel.get("targets", ()):
+            yield target["expr"]
+    for annotation in board["annotations"]["list"]:
+        if "expr" in annotation:
+            yield annotation["expr"]
+
+
+def queried_metrics(board: Mapping[str, Any]) -> set[str]:
+    """The metric names a dashboard's panels and annotations query."""
+    return {name for expr in dashboard_queries(board) for name in promql_metric_names(expr)}

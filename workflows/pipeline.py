@@ -392,8 +392,17 @@ def _resources(stage: Stage, spec: RunSpec, profile: Profile) -> Resources:
 
 
 def _stage_metrics(stage: str) -> list[Gauge | Counter]:
-    """Argo's own per-stage metrics (the controller prefixes them with argo_workflows_)."""
-    labels = [Label(key="stage", value=stage), Label(key="status", value="{{status}}")]
+    """Argo's own per-stage metrics (the controller prefixes them with argo_workflows_).
+
+    `workflow` and `workflow_namespace` let a dashboard show one workflow's tasks; not
+    `namespace`, which Prometheus's scrape sets to the controller's namespace.
+    """
+    labels = [
+        Label(key="stage", value=stage),
+        Label(key="status", value="{{status}}"),
+        Label(key="workflow", value="{{workflow.name}}"),
+        Label(key="workflow_namespace", value="{{workflow.namespace}}"),
+    ]
     return [
         Gauge(
             name="driftlab_task_duration_seconds",

@@ -54,7 +54,6 @@ def extract_step(ctx: StageContext) -> None:
         def advance(tokens: int) -> None:
             bar.update(tokens)
             bar.set("driftlab_extract_tokens_total", bar.n)
-            bar.set("driftlab_extract_tokens_per_second", bar.n / (time.perf_counter() - t0))
 
         outputs = extract_batches(
             model,

@@ -32,6 +32,7 @@ from shared.spec import OTSpec
 from shared.stage import StageContext, resolve_device
 from shared.steps import eval_metrics, selected_steps
 from shared.store import Store
+from shared.telemetry import Progress
 
 PHASES_FORMAT = 2
 DEPTH_ONLY_NOTE = (
@@ -60,6 +61,8 @@ def run_ot(ctx: StageContext) -> None:
             prog.inc("driftlab_ot_pairs_done_total", n)
 
         drift = compute_drift(steps, clouds.states, settings, solved, clouds.extra)
+        report = _phases(ctx.store, ctx.run_id, ot, drift)
+        _push_change_points(prog, report)
     stats = drift.stats
     ctx.log.info(
         "%d of %d OT problems polished in float64; largest estimated relative error %.2g",
@@ -72,7 +75,6 @@ def run_ot(ctx: StageContext) -> None:
         | {"token_index": clouds.token_index, "extra_index": clouds.extra_index},
         metadata=_metadata(ot, clouds),
     )
-    report = _phases(ctx.store, ctx.run_id, ot, drift)
     _plot(ctx.store, ctx.run_id, drift, report)
     ctx.store.put_json(layout.ot_phases_key(ctx.run_id), report)
     mean = report.get("curves", {}).get("mean")
@@ -86,6 +88,16 @@ def run_ot(ctx: StageContext) -> None:
         depth_only=n_t < 2,
         transitions=[t["step"] for t in mean["transitions"]] if mean else [],
     )
+
+
+def _push_change_points(prog: Progress, report: dict[str, Any]) -> None:
+    """The mean step-drift curve's change points, for the dashboard's stat and annotations;
+    set on the stage's progress so its final push carries them with the end time."""
+    mean = report.get("curves", {}).get("mean")
+    change_points = mean["change_points"] if mean else []
+    prog.set("driftlab_ot_change_points", len(change_points))
+    for cp in change_points:
+        prog.set("driftlab_ot_change_point_magnitude", cp["magnitude"], step=cp["step"])
 
 
 def quality_checks(stats: SolveStats) -> list[QualityCheck]:

@@ -65,7 +65,7 @@ class FitSummary:
         return self.samples / self.seconds if self.seconds > 0 else math.inf
 
 
-LogFn = Callable[[int, dict[str, float]], None]
+LogFn = Callable[[int, int, dict[str, float]], None]
 
 
 def fit(
@@ -77,7 +77,8 @@ def fit(
     log_every: int = 100,
     on_log: LogFn | None = None,
 ) -> FitSummary:
-    """Train `sae` for `schedule.steps` batches; `on_log(step, means)` every `log_every`."""
+    """Train `sae` for `schedule.steps` batches; `on_log(step, samples, means)` every
+    `log_every` steps (`samples`: vectors trained on so far)."""
     device = sae.W_dec.device
     cuda = device.type == "cuda"
     optimizer = torch.optim.Adam(sae.parameters(), lr=schedule.lr, fused=cuda or None)
@@ -110,7 +111,7 @@ def fit(
                 raise NonFiniteLoss(step + 1)
             last = dict(zip(LOSS_PARTS, means, strict=True))
             if on_log is not None:
-                on_log(step + 1, last)
+                on_log(step + 1, samples, last)
             sums.zero_()
             since_log = 0
     if cuda:

@@ -156,7 +156,7 @@ def _train(ctx: StageContext, step: int, where: str, device: torch.device) -> No
         ctx.stage,
         run_id,
         {
-            "driftlab_sae_explained_variance_ratio": reconstruction["explained_variance"],
+            "driftlab_sae_explained_variance": reconstruction["explained_variance"],
             "driftlab_sae_dead_features_ratio": reconstruction["dead_fraction"],
             "driftlab_sae_l0": reconstruction["l0"],
         },
@@ -180,11 +180,12 @@ def _fit(
 ) -> FitSummary:
     layer: int = ctx.args.layer
     with ctx.progress(total=schedule.steps, unit="step") as progress:
-        clock = {"step": 0, "samples": 0.0}
+        clock = {"step": 0}
 
-        def on_log(step: int, means: dict[str, float]) -> None:
+        def on_log(step: int, samples: int, means: dict[str, float]) -> None:
             progress.update(step - clock["step"])
             clock["step"] = step
+            progress.set("driftlab_sae_samples_total", samples, layer=layer)
             progress.set("driftlab_sae_loss", means["loss"], layer=layer)
             progress.set("driftlab_sae_l0", means["l0"], layer=layer)
 
@@ -202,7 +203,6 @@ def _fit(
                 f"{where}: the SAE loss became NaN/inf by training step {err.step}; "
                 "lower sae.lr (or raise sae.warmup_steps)"
             ) from None
-        progress.set("driftlab_sae_samples_per_second", summary.samples_per_second, layer=layer)
     return summary
 
 

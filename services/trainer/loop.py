@@ -48,6 +48,7 @@ from shared.spec import DataSpec, RunSpec, section_digest
 from shared.stage import StageContext
 from shared.steps import complete_steps, eval_metrics
 from shared.store import Store
+from shared.telemetry import Progress
 from shared.tokenizer import Tokenizer, load_tokenizer
 
 DIGEST_SECTIONS = ("model", "data", "train")
@@ -313,7 +314,7 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
             model, optimizer, world, t.strategy, names, plain_copy, with_optimizer
         )
 
-    def checkpoint(step_metrics: dict[str, Any]) -> None:
+    def checkpoint(step_metrics: dict[str, Any], bar: Progress) -> None:
         full = gather(with_optimizer=True)
         if full.model is None or full.optim is None:
             return
@@ -345,14 +346,17 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
             },
         )
         ctx.headline.update({f"final_{k}": v for k, v in step_eval.items()})
+        bar.set("driftlab_train_eval_loss", step_eval["eval_loss"])
+        if "eval_accuracy" in step_eval:  # tasks with answers only
+            bar.set("driftlab_train_eval_accuracy_ratio", step_eval["eval_accuracy"])
         log.info("checkpoint step %d: %s", step, _fmt(step_eval))
 
-    if state.step == 0 and source is None:
-        checkpoint({})
-    distributed.barrier(world)
-    model.train()
     step_metrics: dict[str, Any] = {}
     with ctx.progress(total=schedule.total_steps, unit="step", initial=state.step) as bar:
+        if state.step == 0 and source is None:
+            checkpoint({}, bar)
+        distributed.barrier(world)
+        model.train()
         while state.step < schedule.total_steps:
             t0 = time.perf_counter()
             step_metrics = _step(
@@ -367,15 +371,14 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
                     f"{done[-1] if done else 'none'}: lower train.learning_rate or set "
                     "train.clip_grad"
                 )
-            state.elapsed_seconds += time.perf_counter() - t0
-            step_metrics["tokens_per_second"] = step_metrics["tokens"] / max(
-                time.perf_counter() - t0, 1e-9
-            )
+            step_seconds = time.perf_counter() - t0
+            state.elapsed_seconds += step_seconds
+            step_metrics["tokens_per_second"] = step_metrics["tokens"] / max(step_seconds, 1e-9)
             bar.update(1)
+            bar.observe("driftlab_train_step_duration_seconds", step_seconds)
             bar.set("driftlab_train_loss", loss)
             bar.set("driftlab_train_learning_rate", step_metrics["lr"])
             bar.set("driftlab_train_grad_norm", step_metrics["grad_norm"])
-            bar.set("driftlab_train_tokens_per_second", step_metrics["tokens_per_second"])
             bar.set("driftlab_train_tokens_total", state.tokens_seen)
             bar.set("driftlab_train_step", state.step)
             last = state.step == schedule.total_steps
@@ -390,7 +393,7 @@ def _train(ctx: StageContext, world: distributed.World, device: str) -> None:
                     dyn = dynamics_metrics(full.model, full.grads or None)
                     dynamics_rows.append({"step": state.step, **dyn})
             if state.step in schedule.checkpoint_steps:
-                checkpoint(step_metrics)
+                checkpoint(step_metrics, bar)
                 distributed.barrier(world)
     ctx.headline.update(
         final_loss=step_metrics.get("loss"), steps=state.step, tokens=state.tokens_seen

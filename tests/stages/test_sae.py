@@ -314,10 +314,13 @@ def test_stage_trains_every_layer_then_reruns_cached(tmp_path, pushgateway):
         assert math.isfinite(ce["ce_loss_recovered"]) and ce["kl_spliced"] >= 0
         assert ce["tokens"] == 16 * 7  # held-out sequences of 8 tokens: 7 next tokens each
         pushed = {"run_id": run_id, "stage": "sae", "layer": str(layer)}
-        assert pushgateway.value(
-            "driftlab_sae_explained_variance_ratio", **pushed
-        ) == pytest.approx(metrics["explained_variance"])
-        assert pushgateway.value("driftlab_sae_samples_per_second", **pushed) > 0
+        assert pushgateway.value("driftlab_sae_explained_variance", **pushed) == pytest.approx(
+            metrics["explained_variance"]
+        )
+        assert (
+            pushgateway.value("driftlab_sae_samples_total", **pushed)
+            == (report["training"]["samples"])
+        )
         status = _status(store, run_id, layer)
         assert status["state"] == "succeeded" and status["headline"]["l0"] > 0
         sae = load_sae(store, run_id, layer)

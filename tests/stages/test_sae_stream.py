@@ -160,7 +160,7 @@ def _loss_curve(x: torch.Tensor, batches_of, steps: int) -> tuple[list[float], t
     sae.init_from_data(mean, scale)
     curve: list[float] = []
     fit(sae, batches_of(scale), Schedule(steps=steps, lr=3e-3), log_every=50,
-        on_log=lambda _step, means: curve.append(means["mse"]))  # fmt: skip
+        on_log=lambda _step, _samples, means: curve.append(means["mse"]))  # fmt: skip
     with torch.no_grad():
         fresh = planted_dictionary(2048, 32, 64, 4.0, seed=0)[0][-1024:] * scale
         fvu = (sae(fresh)[0] - fresh).pow(2).sum() / (fresh - fresh.mean(0)).pow(2).sum()

@@ -56,6 +56,8 @@ def test_required_metrics_are_declared() -> None:
         "driftlab_stage_items_done_total",
         "driftlab_stage_items_expected",
         "driftlab_stage_duration_seconds",
+        "driftlab_stage_start_timestamp_seconds",
+        "driftlab_stage_end_timestamp_seconds",
         "driftlab_stage_last_success_timestamp_seconds",
         "driftlab_stage_failed",
         "driftlab_train_loss",
@@ -63,17 +65,17 @@ def test_required_metrics_are_declared() -> None:
         "driftlab_train_eval_accuracy_ratio",
         "driftlab_train_learning_rate",
         "driftlab_train_grad_norm",
-        "driftlab_train_tokens_per_second",
         "driftlab_train_tokens_total",
         "driftlab_train_step",
         "driftlab_extract_tokens_total",
-        "driftlab_extract_tokens_per_second",
+        "driftlab_ot_change_points",
+        "driftlab_ot_change_point_magnitude",
         "driftlab_ot_pairs_done_total",
         "driftlab_sae_loss",
         "driftlab_sae_l0",
         "driftlab_sae_dead_features_ratio",
-        "driftlab_sae_explained_variance_ratio",
-        "driftlab_sae_samples_per_second",
+        "driftlab_sae_explained_variance",
+        "driftlab_sae_samples_total",
         "driftlab_detect_auroc",
         "driftlab_detect_answers_total",
     ]
@@ -116,6 +118,7 @@ def test_progress_pushes_metrics_with_grouping_key(
 ) -> None:
     monkeypatch.setenv("DRIFTLAB_PUSHGATEWAY", pushgateway.address)
     run_id = _run_id()
+    began = time.time()
     with progress("train", run_id=run_id, total=50, unit="step") as p:
         for step in range(50):
             p.update()
@@ -137,6 +140,9 @@ def test_progress_pushes_metrics_with_grouping_key(
     assert pushgateway.value("driftlab_stage_running", **group) == 0
     last = pushgateway.value("driftlab_stage_last_success_timestamp_seconds", **group)
     assert abs(last - started) < 5
+    start = pushgateway.value("driftlab_stage_start_timestamp_seconds", **group)
+    end = pushgateway.value("driftlab_stage_end_timestamp_seconds", **group)
+    assert began <= start <= end <= started and end == pytest.approx(last, abs=1)
     assert pushgateway.value("driftlab_train_tokens_total", **group) == 50 * 512
     assert pushgateway.value("driftlab_train_step_duration_seconds_count", **group) == 50
     assert pushgateway.value("driftlab_train_step_duration_seconds_bucket", le="0.025", **group)
@@ -174,6 +180,10 @@ def test_failure_is_pushed_and_the_exception_propagates(
     assert pushgateway.value("driftlab_stage_running", **group) == 0
     assert pushgateway.value("driftlab_stage_progress_ratio", **group) == 0.4
     assert pushgateway.samples("driftlab_stage_last_success_timestamp_seconds", **group) == []
+    # A failed attempt still ends: the dashboard's end annotation marks it.
+    assert pushgateway.value("driftlab_stage_end_timestamp_seconds", **group) >= (
+        pushgateway.value("driftlab_stage_start_timestamp_seconds", **group)
+    )
 
 
 def test_push_metrics_adds_headline_numbers_without_wiping_the_group(
