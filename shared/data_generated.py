@@ -282,6 +282,8 @@ def load_facts(spec: DataSpec) -> Task:
         twins_rng = seeded_rng("facts-confusable", spec.seed)
         asked = [ex.meta["attribute"] for ex in known_eval]
         unknown_eval = _confusable_twins(twins_rng, used, lands, known, asked, unknown, example)
+        for ex in known_eval:  # a twin and its known land: one group for the detect split
+            ex.meta["pair"] = ex.meta["entity"]
     if len(statements) > spec.train_samples:
         raise DataError(
             f"dataset facts: the {n_known} known entities need {len(statements)} training "
@@ -327,7 +329,9 @@ def _confusable_twins(
                 else str(1200 + (int(values[attribute]) - 1200 + rng.randint(1, 699)) % 700)
             )
         lands[idx] = (name, values)
-        questions.append(example(idx, attribute, "qa", "unknown"))
+        question = example(idx, attribute, "qa", "unknown")
+        question.meta["pair"] = twin_name
+        questions.append(question)
     return questions
 
 

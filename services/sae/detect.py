@@ -200,7 +200,8 @@ def _score(
             "or use another checkpoint"
         )
     greedy = {a.example.id: a.label for a in answers if a.sample == 0}
-    split = split_by_question(greedy, d.test_fraction, d.seed)
+    pairs = {a.example.id: a.example.meta.get("pair", a.example.id) for a in answers}
+    split = split_by_question(greedy, d.test_fraction, d.seed, pairs)
     rows_split = np.array([split[a.example.id] for a in answers])
     labelled = np.array([a.label != NO_ANSWER for a in answers])
     y = np.array([int(a.label == HALLUCINATED) for a in answers])

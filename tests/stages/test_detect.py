@@ -137,6 +137,18 @@ def test_split_is_by_question_stratified_and_seeded():
     )
 
 
+def test_grouped_questions_stay_on_one_side_and_ungrouped_splits_do_not_change():
+    labels = {f"q{i:03d}": ("hallucinated" if i % 2 else "correct") for i in range(60)}
+    pairs = {q: f"pair{int(q[1:]) // 2}" for q in labels}  # (known land, its twin)
+    split = split_by_question(labels, 0.3, seed=0, group_of=pairs)
+    for pair in set(pairs.values()):
+        assert len({split[q] for q in labels if pairs[q] == pair}) == 1
+    assert sum(side == TEST for side in split.values()) == 2 * round(0.3 * 30)
+    # every question its own group: exactly the split without groups
+    alone = {q: q for q in labels}
+    assert split_by_question(labels, 0.3, 0, alone) == split_by_question(labels, 0.3, 0)
+
+
 def _planted(n_questions: int, samples: int, seed: int):
     rng = np.random.default_rng(seed)
     x_q = rng.normal(size=(n_questions, 6))

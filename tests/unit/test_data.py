@@ -299,6 +299,7 @@ def test_confusable_unknown_lands_are_a_known_name_with_one_vowel_changed() -> N
         (i,) = [i for i, (a, b) in enumerate(zip(twin, name, strict=True)) if a != b]
         assert i > 0 and twin[i] in "aeiou" and name[i] in "aeiou"
         assert ex.meta["attribute"] == known_q.meta["attribute"]
+        assert ex.meta["pair"] == known_q.meta["pair"] == twin  # one group when split
         # the twin's memorised answer to this question is wrong for this land
         assert facts[(twin, ex.meta["attribute"])] != ex.answer
     novel = load_task(spec(dataset="facts"))
