@@ -86,15 +86,23 @@ def _sae_step(store: Store, run_id: str, layer: int, steps: list[int]) -> int:
 def _unembedding(
     store: Store, run_id: str, step: int, vocab: int | None
 ) -> tuple[torch.Tensor, torch.Tensor | None] | str:
-    """The model's output matrix (cut to the tokenizer's vocabulary) and final LN scale."""
-    from shared.models import load_model
+    """The checkpoint's output matrix (cut to the tokenizer's vocabulary) and final LN scale,
+    or why there are none.
 
+    Read from the checkpoint's safetensors by GPT-2's state-dict names (the head is tied to
+    the token embedding, which `save_model` stores alone) instead of `load_model`: importing
+    transformers would double the stage's time on the demo for two tensors.
+    """
+    key = layout.checkpoint_model_key(run_id, step)
     try:
-        model = load_model(store, run_id, step)
-    except (DriftlabError, ArtifactNotFound, OSError) as err:
-        return f"no logit effects: the model of step {step} cannot be loaded ({err})"
-    unembedding = model.lm_head.weight.detach().float()[:vocab]
-    return unembedding, model.transformer.ln_f.weight.detach().float()
+        tensors, _ = store.get_tensors(key)
+    except ArtifactNotFound:
+        return f"no logit effects: checkpoint step {step} has no model ({store.url_of(key)})"
+    unembedding = tensors.get("lm_head.weight", tensors.get("transformer.wte.weight"))
+    if unembedding is None:
+        return f"no logit effects: {store.url_of(key)} holds no GPT-2 token embedding"
+    scale = tensors.get("transformer.ln_f.weight")
+    return unembedding.float()[:vocab], None if scale is None else scale.float()
 
 
 def _feature_cards(
@@ -102,7 +110,7 @@ def _feature_cards(
     sae: Any,
     at_step: dict[int, torch.Tensor],
     step: int,
-    probe: hidden.Probe,
+    contexts: card.ProbeContexts,
     decode: Decode,
     unembedding: tuple[torch.Tensor, torch.Tensor | None] | str,
 ) -> dict[str, dict[str, Any]]:
@@ -119,7 +127,7 @@ def _feature_cards(
             "density": card.density(column),
             "mean_activation": float(column.mean()),
             "histogram": card.activation_histogram(column),
-            "contexts": card.top_contexts(column, probe, decode, TOP_CONTEXTS, CONTEXT_TOKENS),
+            "contexts": contexts.top(column, decode, TOP_CONTEXTS, CONTEXT_TOKENS),
             "trajectory": [
                 {
                     "step": s,
@@ -160,6 +168,7 @@ def explore(store: Store, run_id: str, spec: RunSpec, device: str) -> dict[str, 
                 at_layer[layer][step] = acts
                 cells[f"{step}/{layer}"]["features"] = overview(acts)
     cards: dict[str, Any] = {}
+    contexts = card.ProbeContexts(probe)
     sae_info: dict[str, Any] = {}
     unembeddings: dict[int, tuple[torch.Tensor, torch.Tensor | None] | str] = {}
     for layer, sae in saes.items():
@@ -167,7 +176,7 @@ def explore(store: Store, run_id: str, spec: RunSpec, device: str) -> dict[str, 
         if step not in unembeddings:
             unembeddings[step] = _unembedding(store, run_id, step, vocab)
         layer_cards = _feature_cards(
-            layer, sae, at_layer[layer], step, probe, decode, unembeddings[step]
+            layer, sae, at_layer[layer], step, contexts, decode, unembeddings[step]
         )
         cards.update(layer_cards)
         sae_info[str(layer)] = {

@@ -35,42 +35,56 @@ def activation_histogram(column: torch.Tensor, bins: int = HISTOGRAM_BINS) -> di
     return {"max": top, "counts": counts.tolist(), "active": int(active.size)}
 
 
-def top_contexts(
-    column: torch.Tensor,
-    probe: hidden.Probe,
-    decode: Callable[[list[int]], str],
-    count: int,
-    width: int,
-) -> list[dict[str, Any]]:
-    """The `count` most activating probe tokens, with `width` tokens of context each side.
+class ProbeContexts:
+    """The probe's sequences as lists, and which of its tokens share their whole prefix.
 
-    The model is causal, so a token with the same preceding tokens has the same activation:
-    such repeats (the same question asked by several probe samples) are one example, with
-    how often it occurs, instead of `count` copies of one context.
+    The model is causal, so tokens with the same preceding tokens have the same hidden
+    states and activations: the explorer shows such repeats (the same question asked by
+    several probe samples) as one example with its number of occurrences. Built once per
+    probe, so each feature's contexts cost a sort and a few look-ups.
     """
-    order = torch.argsort(column, descending=True, stable=True).tolist()
-    seen: dict[tuple[int, ...], dict[str, Any]] = {}
-    for row in order:
-        value = float(column[row])
-        if value <= 0:
-            break
-        sample, position = int(probe.token_sample[row]), int(probe.token_position[row])
-        ids = [int(i) for i in probe.input_ids[sample, : int(probe.lengths[sample])]]
-        prefix = tuple(ids[: position + 1])
-        if prefix in seen:
-            seen[prefix]["count"] += 1
-            continue
-        if len(seen) == count:
-            continue  # still counting repeats of the examples already kept
-        seen[prefix] = {
-            "left": [decode([i]) for i in ids[max(0, position - width) : position]],
-            "token": decode([ids[position]]),
-            "right": [decode([i]) for i in ids[position + 1 : position + 1 + width]],
-            "activation": value,
-            "count": 1,
-            "example": probe.example_ids[sample],
-        }
-    return list(seen.values())
+
+    def __init__(self, probe: hidden.Probe) -> None:
+        self.sequences = [
+            row[:length]
+            for row, length in zip(probe.input_ids.tolist(), probe.lengths.tolist(), strict=True)
+        ]
+        self.sample = probe.token_sample.tolist()
+        self.position = probe.token_position.tolist()
+        self.example_ids = probe.example_ids
+        groups: dict[tuple[int, ...], int] = {}
+        self.group = [
+            groups.setdefault(tuple(self.sequences[s][: p + 1]), len(groups))
+            for s, p in zip(self.sample, self.position, strict=True)
+        ]
+        self.occurrences = np.bincount(self.group).tolist() if self.group else []
+
+    def top(
+        self, column: torch.Tensor, decode: Callable[[list[int]], str], count: int, width: int
+    ) -> list[dict[str, Any]]:
+        """The `count` most activating distinct contexts, `width` tokens each side."""
+        values = column.double().numpy()
+        order = np.argsort(-values, kind="stable")
+        shown: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        for row in order.tolist():
+            if values[row] <= 0 or len(shown) == count:
+                break
+            if self.group[row] in seen:
+                continue
+            seen.add(self.group[row])
+            ids, position = self.sequences[self.sample[row]], self.position[row]
+            shown.append(
+                {
+                    "left": [decode([i]) for i in ids[max(0, position - width) : position]],
+                    "token": decode([ids[position]]),
+                    "right": [decode([i]) for i in ids[position + 1 : position + 1 + width]],
+                    "activation": float(values[row]),
+                    "count": self.occurrences[self.group[row]],
+                    "example": self.example_ids[self.sample[row]],
+                }
+            )
+        return shown
 
 
 def logit_effects(

@@ -47,15 +47,17 @@ def test_top_contexts_merge_repeats_and_show_both_sides():
     column[[2, 12]] = 3.0  # token 3 of samples 0 and 2: one context, twice
     column[7] = 2.0  # token 8 of sample 1
     column[4] = 1.0  # token 5 of sample 0, at the end: no right context
-    contexts = card.top_contexts(column, probe, lambda ids: f"<{ids[0]}>", count=2, width=2)
+    probe_contexts = card.ProbeContexts(probe)
+    contexts = probe_contexts.top(column, lambda ids: f"<{ids[0]}>", count=2, width=2)
     assert contexts == [
         {"left": ["<1>", "<2>"], "token": "<3>", "right": ["<4>", "<5>"], "activation": 3.0,
          "count": 2, "example": "ex0"},
         {"left": ["<6>", "<7>"], "token": "<8>", "right": ["<9>", "<10>"], "activation": 2.0,
          "count": 1, "example": "ex1"},
     ]  # fmt: skip
-    last = card.top_contexts(column, probe, lambda ids: str(ids[0]), count=3, width=2)[-1]
-    assert (last["left"], last["token"], last["right"]) == (["3", "4"], "5", [])
+    last = probe_contexts.top(column, lambda ids: str(ids[0]), count=3, width=2)[-1]
+    # Token 5 of sample 0 also repeats in sample 2 (inactive there): occurrences count both.
+    assert (last["left"], last["token"], last["right"], last["count"]) == (["3", "4"], "5", [], 2)
 
 
 def test_logit_effects_are_the_model_s_own_final_norm_and_unembedding():
