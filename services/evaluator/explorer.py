@@ -195,8 +195,19 @@ def explore(store: Store, run_id: str, spec: RunSpec, device: str) -> dict[str, 
         "limits": {"features_per_layer": FEATURES_PER_LAYER, "contexts": TOP_CONTEXTS},
         "notes": notes,
         "cells": cells,
-        "features": cards,
+        "features": _rounded(cards),
     }
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 4 significant digits: what the page shows, and a third of the cards' size."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def _link_neighbours(cards: dict[str, Any], saes: dict[int, Any]) -> None:

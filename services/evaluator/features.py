@@ -36,12 +36,13 @@ def activation_histogram(column: torch.Tensor, bins: int = HISTOGRAM_BINS) -> di
 
 
 class ProbeContexts:
-    """The probe's sequences as lists, and which of its tokens share their whole prefix.
+    """The probe's sequences as lists, read once, so each feature's contexts cost a sort.
 
-    The model is causal, so tokens with the same preceding tokens have the same hidden
-    states and activations: the explorer shows such repeats (the same question asked by
-    several probe samples) as one example with its number of occurrences. Built once per
-    probe, so each feature's contexts cost a sort and a few look-ups.
+    Ties are one example: tokens with the same token id and the same activation (to
+    float16 precision) show the first of them with their number. Such tokens are the same
+    example to the feature: the same question repeated in the probe (a causal model gives
+    the same prefix the same activation), or, at the embeddings, the same token at the same
+    position whatever precedes it (every answer's end-of-text token, say).
     """
 
     def __init__(self, probe: hidden.Probe) -> None:
@@ -51,28 +52,21 @@ class ProbeContexts:
         ]
         self.sample = probe.token_sample.tolist()
         self.position = probe.token_position.tolist()
+        self.token_id = probe.token_id.numpy()
         self.example_ids = probe.example_ids
-        groups: dict[tuple[int, ...], int] = {}
-        self.group = [
-            groups.setdefault(tuple(self.sequences[s][: p + 1]), len(groups))
-            for s, p in zip(self.sample, self.position, strict=True)
-        ]
-        self.occurrences = np.bincount(self.group).tolist() if self.group else []
 
     def top(
         self, column: torch.Tensor, decode: Callable[[list[int]], str], count: int, width: int
     ) -> list[dict[str, Any]]:
-        """The `count` most activating distinct contexts, `width` tokens each side."""
+        """The `count` most activating distinct examples, `width` tokens of context each side."""
         values = column.double().numpy()
-        order = np.argsort(-values, kind="stable")
-        shown: list[dict[str, Any]] = []
-        seen: set[int] = set()
-        for row in order.tolist():
-            if values[row] <= 0 or len(shown) == count:
-                break
-            if self.group[row] in seen:
-                continue
-            seen.add(self.group[row])
+        active = np.flatnonzero(values > 0)
+        active = active[np.argsort(-values[active], kind="stable")]
+        keys = np.stack([self.token_id[active], values[active].astype(np.float16).view(np.int16)])
+        _, first, sizes = np.unique(keys, axis=1, return_index=True, return_counts=True)
+        shown = []
+        for group in np.argsort(first, kind="stable")[:count].tolist():
+            row = int(active[first[group]])
             ids, position = self.sequences[self.sample[row]], self.position[row]
             shown.append(
                 {
@@ -80,7 +74,7 @@ class ProbeContexts:
                     "token": decode([ids[position]]),
                     "right": [decode([i]) for i in ids[position + 1 : position + 1 + width]],
                     "activation": float(values[row]),
-                    "count": self.occurrences[self.group[row]],
+                    "count": int(sizes[group]),
                     "example": self.example_ids[self.sample[row]],
                 }
             )

@@ -200,8 +200,9 @@ def check_feature_cards(store, run_id: str, explorer: dict) -> None:
         for point in entry["trajectory"]:
             with torch.no_grad():
                 column = model.features(states[point["step"]])[:, entry["feature"]]
-            assert point["mean"] == pytest.approx(float(column.mean()), rel=1e-5)
-            assert point["density"] == pytest.approx(float((column > 0).float().mean()))
+            # The page's numbers are rounded to 4 significant digits.
+            assert point["mean"] == pytest.approx(float(column.mean()), rel=1e-3)
+            assert point["density"] == pytest.approx(float((column > 0).float().mean()), rel=1e-3)
         (at_sae,) = [t for t in entry["trajectory"] if t["step"] == sae["step"]]
         assert entry["density"] == at_sae["density"]
         assert sum(entry["histogram"]["counts"]) == round(entry["density"] * N_TOKENS)

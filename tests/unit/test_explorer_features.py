@@ -40,24 +40,28 @@ def test_histogram_counts_the_active_tokens_and_density_their_share():
     assert card.activation_histogram(torch.zeros(4))["counts"] == [0] * card.HISTOGRAM_BINS
 
 
-def test_top_contexts_merge_repeats_and_show_both_sides():
+def test_top_contexts_merge_ties_and_show_both_sides():
     # Samples 0 and 2 are the same sequence: their tokens have the same activations.
-    probe = _probe([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [1, 2, 3, 4, 5]])
-    column = torch.zeros(15)
-    column[[2, 12]] = 3.0  # token 3 of samples 0 and 2: one context, twice
+    probe = _probe([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [1, 2, 3, 4, 5], [7, 7, 7, 7, 5]])
+    column = torch.zeros(20)
+    column[[2, 12]] = 3.0  # token 3 of samples 0 and 2: one example, twice
     column[7] = 2.0  # token 8 of sample 1
-    column[4] = 1.0  # token 5 of sample 0, at the end: no right context
-    probe_contexts = card.ProbeContexts(probe)
-    contexts = probe_contexts.top(column, lambda ids: f"<{ids[0]}>", count=2, width=2)
-    assert contexts == [
+    column[[4, 19]] = 1.0  # token 5 ending samples 0 and 3: other contexts, yet one tie
+    column[13] = 1.0  # token 4 of sample 2: the same activation, another token
+    contexts = card.ProbeContexts(probe)
+    top = contexts.top(column, lambda ids: f"<{ids[0]}>", count=2, width=2)
+    assert top == [
         {"left": ["<1>", "<2>"], "token": "<3>", "right": ["<4>", "<5>"], "activation": 3.0,
          "count": 2, "example": "ex0"},
         {"left": ["<6>", "<7>"], "token": "<8>", "right": ["<9>", "<10>"], "activation": 2.0,
          "count": 1, "example": "ex1"},
     ]  # fmt: skip
-    last = probe_contexts.top(column, lambda ids: str(ids[0]), count=3, width=2)[-1]
-    # Token 5 of sample 0 also repeats in sample 2 (inactive there): occurrences count both.
-    assert (last["left"], last["token"], last["right"], last["count"]) == (["3", "4"], "5", [], 2)
+    rest = contexts.top(column, lambda ids: str(ids[0]), count=10, width=2)[2:]
+    # The first of the tied fives (sample 0), at the end of its sequence: no right context.
+    assert [(c["left"], c["token"], c["right"], c["count"]) for c in rest] == [
+        (["3", "4"], "5", [], 2),
+        (["2", "3"], "4", ["5"], 1),
+    ]
 
 
 def test_logit_effects_are_the_model_s_own_final_norm_and_unembedding():

@@ -76,23 +76,24 @@
     return n;
   }
   function histogram(h) {
-    var w = 360, hgt = 110, s = svg(w, hgt + 16), n = h.counts.length;
+    var w = 360, hgt = 110, pad = 14, s = svg(w, hgt + pad + 16), n = h.counts.length;
     var top = Math.max.apply(null, h.counts.concat([1])), bw = w / n;
     h.counts.forEach(function (c, i) {
       var bh = hgt * c / top, lo = h.max * i / n, hi = h.max * (i + 1) / n;
-      shape(s, 'rect', {x: i * bw + 1, y: hgt - bh, width: bw - 2, height: bh, fill: '#4a7ab5'},
+      shape(s, 'rect', {x: i * bw + 1, y: pad + hgt - bh, width: bw - 2, height: bh, fill: '#4a7ab5'},
         c + ' tokens in [' + fmt(lo) + ', ' + fmt(hi) + ')');
     });
-    shape(s, 'text', {x: 0, y: hgt + 13, 'font-size': 10}).textContent = '0';
-    shape(s, 'text', {x: w, y: hgt + 13, 'font-size': 10, 'text-anchor': 'end'}).textContent = fmt(h.max);
+    shape(s, 'text', {x: 4, y: 10, 'font-size': 10}).textContent = fmt(top) + ' tokens';
+    shape(s, 'text', {x: 0, y: pad + hgt + 13, 'font-size': 10}).textContent = '0';
+    shape(s, 'text', {x: w, y: pad + hgt + 13, 'font-size': 10, 'text-anchor': 'end'}).textContent = fmt(h.max);
     return s;
   }
   function trajectoryChart(points, at) {
-    var w = 360, hgt = 110, s = svg(w, hgt + 16);
+    var w = 360, hgt = 110, pad = 14, s = svg(w, hgt + pad + 16);
     var top = Math.max.apply(null, points.map(function (p) { return p.mean; }).concat([1e-12]));
     var last = points[points.length - 1].step || 1;
     var xy = points.map(function (p) {
-      return [w * p.step / last, hgt - hgt * p.mean / top];
+      return [w * p.step / last, pad + hgt - hgt * p.mean / top];
     });
     shape(s, 'polyline', {points: xy.map(function (q) { return q.join(','); }).join(' '),
       fill: 'none', stroke: '#4a7ab5', 'stroke-width': 2});
@@ -100,8 +101,9 @@
       shape(s, 'circle', {cx: xy[i][0], cy: xy[i][1], r: p.step === at ? 5 : 3,
         fill: p.step === at ? '#c62828' : '#4a7ab5'}, 'step ' + p.step + ': mean ' + fmt(p.mean));
     });
-    shape(s, 'text', {x: 0, y: hgt + 13, 'font-size': 10}).textContent = 'step 0';
-    shape(s, 'text', {x: w, y: hgt + 13, 'font-size': 10, 'text-anchor': 'end'}).textContent = 'step ' + last;
+    shape(s, 'text', {x: 4, y: 10, 'font-size': 10}).textContent = 'mean ' + fmt(top);
+    shape(s, 'text', {x: 0, y: pad + hgt + 13, 'font-size': 10}).textContent = 'step 0';
+    shape(s, 'text', {x: w, y: pad + hgt + 13, 'font-size': 10, 'text-anchor': 'end'}).textContent = 'step ' + last;
     return s;
   }
   function contextCell(c) {
@@ -130,8 +132,8 @@
     panel.appendChild(el('h4', 'Top activating contexts'));
     panel.appendChild(table(['activation', 'context (token highlighted)', 'occurrences', 'example'],
       f.contexts.map(function (c) { return [c.activation, contextCell(c), c.count, c.example]; })));
-    panel.appendChild(el('p', 'A context repeated in the probe (same preceding tokens, so the ' +
-      'same activation) is listed once with its number of occurrences.', 'note'));
+    panel.appendChild(el('p', 'Ties are one example: probe tokens with the same token and the ' +
+      'same activation are listed once (the first of them) with their number.', 'note'));
     panel.appendChild(el('h4', 'Output tokens'));
     if (f.promoted) {
       panel.appendChild(el('p', 'Direct effect on the logits of one unit of activation: the ' +
