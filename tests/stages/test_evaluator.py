@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from cli.main import main as cli_main
-from services.evaluator import agreement, detection
+from services.evaluator import agreement, detection, sections
 from services.evaluator.__main__ import EVALUATE
 from services.evaluator.explorer import FEATURES_PER_LAYER
 from services.evaluator.report import SECTION_IDS, render_html
@@ -183,6 +183,25 @@ def test_full_report_has_every_section_and_agreeing_phases(store):
     assert store.exists(layout.evaluate_plot_key(run_id, "detection_roc"))
     assert store.exists(layout.evaluate_done_key(run_id))
     check_feature_cards(store, run_id, report["explorer"])
+
+
+def test_training_figure_legend_names_every_line_of_both_axes(store, monkeypatch):
+    """Eval accuracy is drawn on a twin axis, whose lines ax.legend() alone would miss."""
+    import matplotlib.pyplot as plt
+
+    run_id = make_run(store, ot=False, sae=False, detect=False)
+    legends = []
+
+    def draw_and_read_legend(draw, size=(6.0, 3.6)):
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax)
+        legends.append([text.get_text() for text in ax.get_legend().get_texts()])
+        plt.close(fig)
+        return b""
+
+    monkeypatch.setattr(sections, "_png", draw_and_read_legend)
+    sections.training(Report(run_id), store, run_id)
+    assert legends == [["train loss", "eval loss", "eval accuracy"]]
 
 
 def check_feature_cards(store, run_id: str, explorer: dict) -> None:
