@@ -195,7 +195,9 @@ def test_training_figure_legend_names_every_line_of_both_axes(store, monkeypatch
     def draw_and_read_legend(draw, size=(6.0, 3.6)):
         fig, ax = plt.subplots(figsize=size)
         draw(ax)
-        legends.append([text.get_text() for text in ax.get_legend().get_texts()])
+        legend = ax.get_legend()
+        assert legend is not None, "the training figure has no legend"
+        legends.append([text.get_text() for text in legend.get_texts()])
         plt.close(fig)
         return b""
 
