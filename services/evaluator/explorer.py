@@ -105,16 +105,25 @@ def _unembedding(
     return unembedding.float()[:vocab], None if scale is None else scale.float()
 
 
+def trajectory_summary(acts: torch.Tensor) -> torch.Tensor:
+    """[3, d_sae]: every feature's mean activation, density and max at one checkpoint.
+
+    Only this is kept of the checkpoints other than the SAE's own: all activations of all
+    checkpoints would be steps x tokens x d_sae floats (a gigabyte per layer at GPT-2's).
+    """
+    return torch.stack([acts.mean(0), (acts > 0).float().mean(0), acts.max(0).values])
+
+
 def _feature_cards(
     layer: int,
     sae: Any,
-    at_step: dict[int, torch.Tensor],
-    step: int,
+    acts: torch.Tensor,
+    trajectory: dict[int, torch.Tensor],
     contexts: card.ProbeContexts,
     decode: Decode,
     unembedding: tuple[torch.Tensor, torch.Tensor | None] | str,
 ) -> dict[str, dict[str, Any]]:
-    acts = at_step[step]
+    """The cards of one layer's features, from its activations at the SAE's checkpoint."""
     order = torch.argsort(acts.mean(0), descending=True, stable=True)[:FEATURES_PER_LAYER]
     chosen = [int(f) for f in order.tolist() if float(acts[:, f].max()) > 0]
     directions = (sae.W_dec.detach() / sae.input_scale).float().cpu()
@@ -131,11 +140,11 @@ def _feature_cards(
             "trajectory": [
                 {
                     "step": s,
-                    "mean": float(a[:, f].mean()),
-                    "density": card.density(a[:, f]),
-                    "max": float(a[:, f].max()),
+                    "mean": float(t[0, f]),
+                    "density": float(t[1, f]),
+                    "max": float(t[2, f]),
                 }
-                for s, a in sorted(at_step.items())
+                for s, t in sorted(trajectory.items())
             ],
         }
         if not isinstance(unembedding, str):
@@ -157,7 +166,9 @@ def explore(store: Store, run_id: str, spec: RunSpec, device: str) -> dict[str, 
     decode, vocab, tokenizer_note = _decoder(spec) if saes else ((lambda ids: ""), None, None)
     notes = [note for note in (sae_note, tokenizer_note) if note]
     cells: dict[str, Any] = {}
-    at_layer: dict[int, dict[int, torch.Tensor]] = {layer: {} for layer in saes}
+    sae_steps = {layer: _sae_step(store, run_id, layer, steps) for layer in saes}
+    at_sae_step: dict[int, torch.Tensor] = {}
+    trajectories: dict[int, dict[int, torch.Tensor]] = {layer: {} for layer in saes}
     for step in steps:
         for layer in range(hidden.load_index(store, run_id, step).n_layers):
             states = hidden.load_hidden(store, run_id, step, layer)
@@ -165,18 +176,26 @@ def explore(store: Store, run_id: str, spec: RunSpec, device: str) -> dict[str, 
             if layer in saes:
                 with torch.no_grad():
                     acts = saes[layer].features(states.to(device)).float().cpu()
-                at_layer[layer][step] = acts
+                trajectories[layer][step] = trajectory_summary(acts)
+                if step == sae_steps[layer]:
+                    at_sae_step[layer] = acts
                 cells[f"{step}/{layer}"]["features"] = overview(acts)
     cards: dict[str, Any] = {}
     contexts = card.ProbeContexts(probe)
     sae_info: dict[str, Any] = {}
     unembeddings: dict[int, tuple[torch.Tensor, torch.Tensor | None] | str] = {}
     for layer, sae in saes.items():
-        step = _sae_step(store, run_id, layer, steps)
+        step = sae_steps[layer]
         if step not in unembeddings:
             unembeddings[step] = _unembedding(store, run_id, step, vocab)
         layer_cards = _feature_cards(
-            layer, sae, at_layer[layer], step, contexts, decode, unembeddings[step]
+            layer,
+            sae,
+            at_sae_step[layer],
+            trajectories[layer],
+            contexts,
+            decode,
+            unembeddings[step],
         )
         cards.update(layer_cards)
         sae_info[str(layer)] = {
