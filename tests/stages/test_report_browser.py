@@ -44,7 +44,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # The explorer's script ran: its selectors are filled and a checkpoint's view is drawn.
     assert "<option" in dom.stdout and "Activation statistics" in dom.stdout
     assert "Most active SAE features" in dom.stdout
-    # With no search, the first feature's card is drawn, and the page stays at its top.
+    # With no search, the first feature's card is drawn.
     assert '<div id="feature-panel" data-feature="1/' in dom.stdout
 
     # Search by feature id and by token (report.html#search=... runs a search on load).
