@@ -1,8 +1,9 @@
 """A tiny run with every artifact the evaluator reads, written through `shared.layout`.
 
 Extraction and checkpoints come from `tests.synthetic_extraction`; training logs, OT
-phases, one SAE and detection scores are written here in their stages' formats, so the
-evaluator is tested on known inputs without training anything.
+phases, one SAE (with a random model of its width at the SAE's checkpoint, for the
+explorer's logit effects) and detection scores are written here in their stages' formats,
+so the evaluator is tested on known inputs without training anything.
 """
 
 from __future__ import annotations
@@ -83,8 +84,25 @@ def write_ot(store: Store, run_id: str) -> None:
 
 
 def write_sae(store: Store, run_id: str) -> None:
+    """The SAE of SAE_LAYER, trained (says its report) at the last step, and that step's
+    model: a random GPT-2 of width D_MODEL over the byte tokenizer's vocabulary."""
+    from transformers import GPT2Config
+
+    from shared.models import model_from_config, save_model
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=258,
+        n_positions=16,
+        n_embd=D_MODEL,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=256,
+        eos_token_id=256,
+    )
+    save_model(store, run_id, STEPS[-1], model_from_config(config))
     sae = build_sae(SAEConfig(arch="relu", d_in=D_MODEL, d_sae=16), seed=0)
-    report = {"layer": SAE_LAYER, "config": sae.config.to_json(),
+    report = {"layer": SAE_LAYER, "checkpoint_step": STEPS[-1], "config": sae.config.to_json(),
               "metrics": {"explained_variance": 0.8, "l0": 3.0, "dead_fraction": 0.1,
                           "ce": {"ce_loss_recovered": 0.9}}}  # fmt: skip
     save_sae(store, run_id, SAE_LAYER, sae, report)
@@ -113,6 +131,7 @@ def make_run(
         RunSpec(),
         {
             "run.name": "evaltest",
+            "run.tags": {"purpose": "test"},
             "run.seed": seed,
             "evaluate.bootstrap": 50,
             "hmm.max_components": 3,

@@ -46,6 +46,20 @@ TITLES = {
 }
 
 
+#: What to look for in each OT figure (the OT stage draws them; the report captions them).
+OT_CAPTIONS = {
+    "depth": "Optimal-transport distance between every pair of layers, one matrix per "
+    "checkpoint. Look for blocks: layers that compute alike sit close together.",
+    "time": "Optimal-transport distance between every pair of checkpoints, one matrix per "
+    "layer. Look for blocks along the diagonal: each block is a phase in which the layer's "
+    "representation barely moves; a sharp block edge is a transition.",
+    "step": "Drift between consecutive checkpoints per layer and their mean, with confidence "
+    "intervals, the split-half baseline and change points. Look for a peak above the baseline.",
+    "drift_vs_eval": "The mean step drift above eval loss and accuracy on one step axis. Look "
+    "for the drift peak at the checkpoint where accuracy jumps.",
+}
+
+
 def _fmt(value: Any) -> Any:
     """A table cell: floats to 4 significant digits, intervals to 3 decimals, None as a dash."""
     if value is None:
@@ -76,4 +90,6 @@ _TEMPLATE = _environment().get_template("report.html.j2")
 
 def render_html(report: Report) -> str:
     """The page of `report`, every section in SECTION_IDS order, absent ones saying why."""
-    return _TEMPLATE.render(r=report, section_ids=SECTION_IDS, titles=TITLES)
+    return _TEMPLATE.render(
+        r=report, section_ids=SECTION_IDS, titles=TITLES, ot_captions=OT_CAPTIONS
+    )

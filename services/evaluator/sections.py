@@ -20,7 +20,7 @@ from services.evaluator.quality import STAGE, hmm_checks, stale_checks
 from shared import layout, stage_registry
 from shared.errors import DriftlabError
 from shared.quality import QualityCheck, run_checks, summary, worst_first
-from shared.spec import RunSpec, model_sizes
+from shared.spec import RunSpec, model_sizes, spec_to_yaml
 from shared.steps import complete_steps, eval_metrics
 from shared.store import Store
 
@@ -36,6 +36,8 @@ class Report:
     figures: dict[str, bytes] = field(default_factory=dict)
     svgs: dict[str, str] = field(default_factory=dict)
     absent: dict[str, str] = field(default_factory=dict)
+    #: The fully resolved spec as YAML (`spec_to_yaml`): every value, defaults included.
+    spec_yaml: str = ""
     #: The evaluator's own verdicts (the HMM's); `data["quality"]` holds every stage's.
     own_checks: list[QualityCheck] = field(default_factory=list)
 
@@ -59,11 +61,13 @@ def _png(draw: Callable[[Any], None], size: tuple[float, float] = (6.0, 3.6)) ->
 
 
 def spec_summary(spec: RunSpec) -> dict[str, Any]:
+    """The settings one compares runs by (`driftlab compare` reads them); every other value
+    is in the page's resolved spec (`Report.spec_yaml`)."""
     sizes = model_sizes(spec)
     return {
         "name": spec.run.name,
         "seed": spec.run.seed,
-        "tags": list(spec.run.tags),
+        "tags": dict(spec.run.tags),
         "model": {"arch": spec.model.arch, "init": spec.model.init, **sizes._asdict()},
         "data": {"dataset": spec.data.dataset, "tokenizer": spec.data.tokenizer},
         "train": {
@@ -99,9 +103,16 @@ def training(report: Report, store: Store, run_id: str) -> list[int]:
         ax.set(xlabel="step", ylabel="loss")
         if "eval_accuracy" in series:
             twin = ax.twinx()
-            twin.plot(checkpoints, series["eval_accuracy"], "s--", color="C3", label="accuracy")
+            twin.plot(
+                checkpoints, series["eval_accuracy"], "s--", color="C3", label="eval accuracy"
+            )
             twin.set(ylabel="eval accuracy", ylim=(-0.02, 1.02))
-        ax.legend(loc="upper right", fontsize=8)
+            # One legend for both axes: a twin axis's lines are not in ax.legend() otherwise.
+            lines, labels = ax.get_legend_handles_labels()
+            twin_lines, twin_labels = twin.get_legend_handles_labels()
+            ax.legend(lines + twin_lines, labels + twin_labels, loc="center right", fontsize=8)
+        else:
+            ax.legend(loc="upper right", fontsize=8)
 
     report.figures["training"] = _png(draw)
     return checkpoints
@@ -211,6 +222,7 @@ def hmm(report: Report, store: Store, run_id: str, spec: RunSpec) -> dict[str, l
     if ensemble is not None:
         body, svg, png = ensemble
         report.data["hmm"] = {**body, "ensemble_of": sorted(body["runs"])}
+        report.data["hmm"]["transitions"] = readable_transitions(body)
         report.svgs["hmm_graph"] = svg
         report.figures["hmm_curves"] = png
         ensemble_changes: dict[str, list[int]] = body.get("state_changes", {})
@@ -221,12 +233,38 @@ def hmm(report: Report, store: Store, run_id: str, spec: RunSpec) -> dict[str, l
         report.absent["hmm"] = f"the HMM could not be fitted: {err}"
         return None
     body = analysis.to_json()
-    report.data["hmm"] = body
+    report.data["hmm"] = {**body, "transitions": readable_transitions(body)}
     report.data["hmm"]["saved"] = hmm_store.save_hmm(store, run_id, analysis)
     report.svgs["hmm_graph"] = hmm_plots.state_graph_svg(analysis)
     report.figures["hmm_curves"] = hmm_plots.state_curves_png(analysis, store)
     changes: dict[str, list[int]] = body.get("state_changes", {})
     return changes
+
+
+def readable_transitions(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each transition's top features as {name, importance, mean_shift}.
+
+    `top_features` already leaves out importances that are numerically zero (a saturated
+    posterior); the mean shift is the target state's mean minus the source's, in the
+    z-scored units the HMM was fitted in, so a reader sees which way each feature moved.
+    """
+    index = {name: i for i, name in enumerate(body.get("features", []))}
+    means = body.get("means", [])
+    rows = []
+    for transition in body.get("transitions", []):
+        source, target = transition["from"], transition["to"]
+        features = [
+            {
+                "name": name,
+                "importance": importance,
+                "mean_shift": means[target][index[name]] - means[source][index[name]]
+                if name in index and means
+                else None,
+            }
+            for name, importance in transition.get("top_features", [])
+        ]
+        rows.append({**transition, "top_features": features})
+    return rows
 
 
 def phases(
@@ -312,6 +350,7 @@ def explorer(report: Report, store: Store, run_id: str, spec: RunSpec, device: s
 def build(store: Store, run_id: str, spec: RunSpec, device: str = "cpu") -> Report:
     report = Report(run_id)
     report.data["spec"] = spec_summary(spec)
+    report.spec_yaml = spec_to_yaml(spec)
     checkpoints = training(report, store, run_id)
     dynamics(report, store, run_id, spec)
     ot_phases = drift(report, store, run_id)

@@ -3,20 +3,25 @@ its partial forms, the stage's errors, and `driftlab compare`."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from cli.main import main as cli_main
-from services.evaluator import agreement, detection
+from services.evaluator import agreement, detection, sections
 from services.evaluator.__main__ import EVALUATE
+from services.evaluator.explorer import FEATURES_PER_LAYER
 from services.evaluator.report import SECTION_IDS, render_html
 from services.evaluator.sections import Report
-from shared import layout
+from shared import hidden, layout
 from shared.auroc import auroc, bootstrap_ci, paired_difference_ci, resampled_aurocs
+from shared.sae.artifacts import load_sae
 from shared.spec import EvaluateSpec
 from shared.stage import stage_main
-from tests.evaluator_run import STEPS, detection_rows, make_run
+from tests.evaluator_run import N_TOKENS, SAE_LAYER, STEPS, detection_rows, make_run
 
 RNG = np.random.default_rng(7)
 LABELS = RNG.integers(0, 2, 120)
@@ -191,13 +196,71 @@ def test_full_report_has_every_section_and_agreeing_phases(store):
     cells = report["explorer"]["cells"]
     assert set(report["explorer"]["sae_layers"]) == {1}
     assert "features" in cells[f"{STEPS[-1]}/1"] and "features" not in cells[f"{STEPS[-1]}/0"]
+    assert cells[f"{STEPS[-1]}/1"]["stats"]["tokens"] == N_TOKENS  # an int, not 32.0
+    # The spec section holds every value: the tags' values, and the resolved spec's YAML.
+    assert report["spec"]["tags"] == {"purpose": "test"}
     html = store.get_text(layout.evaluate_report_html_key(run_id))
+    resolved = html[html.index('<details id="spec-resolved">') : html.index("</details>")]
+    assert "purpose: test" in resolved and "max_components: 3" in resolved
+    # Every figure says what to look for: training, dynamics, ROC, PR, the HMM's graph and
+    # curves, the phases (the synthetic OT stage draws no plots).
+    captions = re.findall(r"<figure>.*?<figcaption>([^<]*)</figcaption></figure>", html, re.S)
+    assert len(captions) == html.count("<figure>") == 7 and all(len(c) > 40 for c in captions)
     assert all(f'<section id="{sid}">' in html for sid in SECTION_IDS)
     # Nothing is fetched from anywhere: no linked stylesheet, script or image.
     for fetch in ('src="http', "src='http", 'href="http', "<link", "<script src", "url(http"):
         assert fetch not in html
     assert store.exists(layout.evaluate_plot_key(run_id, "detection_roc"))
     assert store.exists(layout.evaluate_done_key(run_id))
+    check_feature_cards(store, run_id, report["explorer"])
+
+
+def test_training_figure_legend_names_every_line_of_both_axes(store, monkeypatch):
+    """Eval accuracy is drawn on a twin axis, whose lines ax.legend() alone would miss."""
+    import matplotlib.pyplot as plt
+
+    run_id = make_run(store, ot=False, sae=False, detect=False)
+    legends = []
+
+    def draw_and_read_legend(draw, size=(6.0, 3.6)):
+        fig, ax = plt.subplots(figsize=size)
+        draw(ax)
+        legend = ax.get_legend()
+        assert legend is not None, "the training figure has no legend"
+        legends.append([text.get_text() for text in legend.get_texts()])
+        plt.close(fig)
+        return b""
+
+    monkeypatch.setattr(sections, "_png", draw_and_read_legend)
+    sections.training(Report(run_id), store, run_id)
+    assert legends == [["train loss", "eval loss", "eval accuracy"]]
+
+
+def check_feature_cards(store, run_id: str, explorer: dict) -> None:
+    """Each card applies the SAE of its checkpoint to every checkpoint's hidden states."""
+    sae = explorer["saes"]["1"]
+    assert sae["step"] == STEPS[-1] and sae["logit_note"] is None
+    assert 0 < sae["shown"] <= min(FEATURES_PER_LAYER, 16)
+    cards = explorer["features"]
+    assert len(cards) == sae["shown"]
+    states = {step: hidden.load_hidden(store, run_id, step, SAE_LAYER) for step in STEPS}
+    model = load_sae(store, run_id, SAE_LAYER)
+    for key, entry in cards.items():
+        assert key == f"1/{entry['feature']}"
+        assert [t["step"] for t in entry["trajectory"]] == STEPS
+        for point in entry["trajectory"]:
+            with torch.no_grad():
+                column = model.features(states[point["step"]])[:, entry["feature"]]
+            # The page's numbers are rounded to 4 significant digits.
+            assert point["mean"] == pytest.approx(float(column.mean()), rel=1e-3)
+            assert point["density"] == pytest.approx(float((column > 0).float().mean()), rel=1e-3)
+        (at_sae,) = [t for t in entry["trajectory"] if t["step"] == sae["step"]]
+        assert entry["density"] == at_sae["density"]
+        assert sum(entry["histogram"]["counts"]) == round(entry["density"] * N_TOKENS)
+        assert len(entry["promoted"]) == len(entry["suppressed"]) == 8
+        assert entry["promoted"][0][1] >= entry["promoted"][-1][1] > entry["suppressed"][0][1]
+        activations = [c["activation"] for c in entry["contexts"]]
+        assert activations == sorted(activations, reverse=True) and activations[0] > 0
 
 
 def test_partial_report_says_what_is_absent(store):

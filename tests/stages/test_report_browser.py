@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from urllib.parse import quote
 
 from services.evaluator.__main__ import EVALUATE
 from services.evaluator.report import SECTION_IDS
@@ -43,6 +44,35 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # The explorer's script ran: its selectors are filled and a checkpoint's view is drawn.
     assert "<option" in dom.stdout and "Activation statistics" in dom.stdout
     assert "Most active SAE features" in dom.stdout
+    # With no search, the first feature's card is drawn.
+    assert '<div id="feature-panel" data-feature="1/' in dom.stdout
+
+    # Search by feature id and by token (report.html#search=... runs a search on load).
+    explorer = store.get_json(layout.evaluate_report_json_key(run_id))["explorer"]
+    last = list(explorer["features"].values())[-1]
+    token = next(
+        c["token"] for card in explorer["features"].values() for c in card["contexts"]
+        if c["token"] not in "\t\n\x0b\x0c\r "  # JavaScript's trim() drops these
+    )  # fmt: skip
+    best = {
+        key: max(c["activation"] for c in card["contexts"] if c["token"] == token)
+        for key, card in explorer["features"].items()
+        if any(c["token"] == token for c in card["contexts"])
+    }
+    expected_by_token = sorted(best, key=lambda key: -best[key])  # the strongest first
+    for query, expected in ((f"L1/{last['feature']}", [f"1/{last['feature']}"]),
+                            (token, expected_by_token)):  # fmt: skip
+        found = _chromium(tmp_path, "--dump-dom", f"{page}#search={quote(query)}")
+        assert found.returncode == 0, found.stderr[-2000:]
+        panel = found.stdout[found.stdout.index('<div id="feature-results">') :]
+        assert f"{len(expected)} match" in panel
+        assert f'<div id="feature-panel" data-feature="{expected[0]}">' in panel
+        for heading in ("Activation histogram", "Top activating contexts", "Output tokens",
+                        "Trajectory across checkpoints", "Nearest features"):  # fmt: skip
+            assert heading in panel
+        assert "<mark>" in panel and "<svg" in panel and "promoted" in panel
+    missing = _chromium(tmp_path, "--dump-dom", f"{page}#search=999")
+    assert "no shown feature has id or top token" in missing.stdout
 
     shot = tmp_path / "report.png"
     result = _chromium(tmp_path, "--window-size=1200,2400", f"--screenshot={shot}", page)
