@@ -142,6 +142,9 @@ def test_tiny_spec_end_to_end_on_s3(s3_store_url, tiny):
     _run_and_check(s3_store_url, tiny)
 
 
+# slow: two pipelines (50 s); the stage tests kill and resume each stage in `make test`,
+# and the 20-seed fault-injection test below kills whole runs at random moments
+@pytest.mark.slow
 def test_a_run_killed_during_extraction_resumes_with_finished_stages_cached(tmp_path, tiny):
     store_url = str(tmp_path / "store")
     store = open_store(store_url)
