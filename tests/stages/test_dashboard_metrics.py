@@ -23,7 +23,7 @@ from shared.store import open_store
 from tests.fixtures_pushgateway import PushgatewayServer
 from tests.support import queried_metrics, register_run
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # 5 s on an idle machine
 
 #: tests/stages/test_detect.py's tiny modular run (both answer classes occur), with four
 #: checkpoints so OT has step drift and change points to report.
