@@ -14,7 +14,7 @@ import torch
 
 from shared.store import Store, open_store
 
-pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_pushgateway"]
+pytest_plugins = ["tests.fixtures_s3", "tests.fixtures_pushgateway", "tests.fixtures_prometheus"]
 
 
 @pytest.fixture
