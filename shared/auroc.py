@@ -11,6 +11,8 @@ stages that call these: `auroc` imports it when called, never at import time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -88,17 +90,30 @@ def bootstrap_ci(
     pos, neg = s[y == 1], s[y == 0]
     if n_resamples <= 0 or pos.size == 0 or neg.size == 0:
         return None
+    values = [
+        resampled_aurocs(pos, neg, pos_draws, neg_counts)  # i.i.d. draws: any order of neg
+        for pos_draws, neg_counts in _stratified_draws(pos.size, neg.size, n_resamples, seed)
+    ]
+    return _percentiles(values, level)
+
+
+def _stratified_draws(
+    n_pos: int, n_neg: int, n_resamples: int, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Blocks of replicates: (indices of the positives drawn [n, n_pos], how often each
+    negative was drawn [n, n_neg]), blocks small enough to bound memory."""
     rng = np.random.default_rng(seed)
-    rows = max(1, _BLOCK_CELLS // s.size)
-    values = []
+    rows = max(1, _BLOCK_CELLS // (n_pos + n_neg))
     for start in range(0, n_resamples, rows):
         n = min(rows, n_resamples - start)
-        pos_draws = rng.integers(0, pos.size, (n, pos.size))
-        neg_draws = rng.integers(0, neg.size, (n, neg.size)) + neg.size * np.arange(n)[:, None]
-        neg_counts = np.bincount(neg_draws.ravel(), minlength=n * neg.size).reshape(n, -1)
-        values.append(resampled_aurocs(pos, neg, pos_draws, neg_counts))
+        pos_draws = rng.integers(0, n_pos, (n, n_pos))
+        neg_draws = rng.integers(0, n_neg, (n, n_neg)) + n_neg * np.arange(n)[:, None]
+        yield pos_draws, np.bincount(neg_draws.ravel(), minlength=n * n_neg).reshape(n, -1)
+
+
+def _percentiles(blocks: list[np.ndarray], level: float) -> tuple[float, float]:
     alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(np.concatenate(values), [alpha, 1.0 - alpha])
+    low, high = np.quantile(np.concatenate(blocks), [alpha, 1.0 - alpha])
     return float(low), float(high)
 
 
@@ -124,22 +139,14 @@ def paired_difference_ci(
     n_pos, n_neg = pos_rows.size, neg_rows.size
     if n_resamples <= 0 or n_pos == 0 or n_neg == 0:
         return None
-    rng = np.random.default_rng(seed)
-    rows = max(1, _BLOCK_CELLS // y.size)
-    differences = []
-    for start in range(0, n_resamples, rows):
-        n = min(rows, n_resamples - start)
-        pos_draws = rng.integers(0, n_pos, (n, n_pos))
-        neg_draws = rng.integers(0, n_neg, (n, n_neg)) + n_neg * np.arange(n)[:, None]
-        neg_counts = np.bincount(neg_draws.ravel(), minlength=n * n_neg).reshape(n, -1)
 
-        def replicates(s: np.ndarray, pos_draws: np.ndarray = pos_draws,
-                       neg_counts: np.ndarray = neg_counts) -> np.ndarray:  # fmt: skip
-            neg = s[neg_rows]  # counts are per row; `resampled_aurocs` wants them sorted
-            order = np.argsort(neg, kind="stable")
-            return resampled_aurocs(s[pos_rows], neg, pos_draws, neg_counts[:, order])
+    def replicates(s: np.ndarray, pos_draws: np.ndarray, neg_counts: np.ndarray) -> np.ndarray:
+        neg = s[neg_rows]  # counts are per row here; `resampled_aurocs` wants them sorted
+        order = np.argsort(neg, kind="stable")
+        return resampled_aurocs(s[pos_rows], neg, pos_draws, neg_counts[:, order])
 
-        differences.append(replicates(a) - replicates(b))
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(np.concatenate(differences), [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    differences = [
+        replicates(a, pos_draws, neg_counts) - replicates(b, pos_draws, neg_counts)
+        for pos_draws, neg_counts in _stratified_draws(n_pos, n_neg, n_resamples, seed)
+    ]
+    return _percentiles(differences, level)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.parse
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures_pushgateway import PushgatewayServer
-from tests.support import free_port
+from tests.support import free_port, serving
 
 #: Seconds between scrapes; a panel's `$__rate_interval` is four of them, as Grafana's is.
 SCRAPE_S = 1
@@ -56,14 +55,6 @@ class PrometheusServer:
         time.sleep(2.5 * SCRAPE_S)
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def prometheus(pushgateway: PushgatewayServer) -> Iterator[PrometheusServer]:
     """Start Prometheus on a free loopback port, scraping the session's Pushgateway."""
@@ -83,31 +74,11 @@ def prometheus(pushgateway: PushgatewayServer) -> Iterator[PrometheusServer]:
             "    honor_labels: true\n"
             f"    static_configs: [{{targets: ['{pushgateway.address}']}}]\n"
         )
-        with (Path(tmp) / "log").open("w+") as log:
-            proc = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp}/data",
-                    f"--web.listen-address={server.url.removeprefix('http://')}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                deadline = time.monotonic() + _READY_TIMEOUT_S
-                while not _ready(server.url):
-                    if proc.poll() is not None:
-                        log.seek(0)
-                        pytest.fail(f"Prometheus exited at start:\n{log.read()[-2000:]}")
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"Prometheus at {server.url} was not ready in time")
-                    time.sleep(0.1)
-                yield server
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        argv = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp}/data",
+            f"--web.listen-address={server.url.removeprefix('http://')}",
+        ]
+        with serving(argv, server.url, "Prometheus", _READY_TIMEOUT_S):
+            yield server

@@ -8,9 +8,6 @@ what breaks in production. Tests share one server, so each uses its own run id.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.support import free_port
+from tests.support import free_port, serving
 
 _BINARIES = ("prometheus-pushgateway", "pushgateway")
 _READY_TIMEOUT_S = 15.0
@@ -65,14 +62,6 @@ class PushgatewayServer:
         return found[0].value
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def pushgateway() -> Iterator[PushgatewayServer]:
     """Start the Pushgateway binary on a free loopback port, in memory only."""
@@ -83,28 +72,6 @@ def pushgateway() -> Iterator[PushgatewayServer]:
             "run `apt-get install prometheus-pushgateway` (the telemetry tests need it)"
         )
     server = PushgatewayServer(f"127.0.0.1:{free_port()}")
-    # A file, not a pipe: a pipe nobody reads would block the server once full.
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(
-            [binary, f"--web.listen-address={server.address}", "--persistence.file="],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + _READY_TIMEOUT_S
-            while not _ready(server.url):
-                if proc.poll() is not None:
-                    log.seek(0)
-                    pytest.fail(f"the Pushgateway exited at start:\n{log.read().strip()}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the Pushgateway at {server.url} was not ready in time")
-                time.sleep(0.05)
-            yield server
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    argv = [binary, f"--web.listen-address={server.address}", "--persistence.file="]
+    with serving(argv, server.url, "the Pushgateway", _READY_TIMEOUT_S):
+        yield server

@@ -13,6 +13,9 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +41,43 @@ def stage_env(**extra: str) -> dict[str, str]:
     for var in ("ARGO_PROGRESS_FILE", "DRIFTLAB_PUSHGATEWAY", "WORLD_SIZE", "RANK"):
         env.pop(var, None)
     return env
+
+
+@contextlib.contextmanager
+def serving(argv: list[str], url: str, what: str, ready_within_s: float) -> Iterator[None]:
+    """Run the server `argv` until the block ends, once its `{url}/-/ready` answers 200 (the
+    Prometheus tools' readiness endpoint); one that exits or is not ready in time fails the
+    test with the end of its log."""
+    import pytest  # a test-time helper; support's plain values do not need pytest
+
+    # A file, not a pipe: a pipe nobody reads would block the server once full.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + ready_within_s
+            while not _ready(url):
+                if proc.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(f"{what} exited at start:\n{log.read()[-2000:].strip()}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{what} at {url} was not ready in time")
+                time.sleep(0.05)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def free_port() -> int:
@@ -122,3 +162,22 @@ def dashboard_queries(board: Mapping[str, Any]) -> Iterator[str]:
 def queried_metrics(board: Mapping[str, Any]) -> set[str]:
     """The metric names a dashboard's panels and annotations query."""
     return {name for expr in dashboard_queries(board) for name in promql_metric_names(expr)}
+
+
+#: A tiny `modular` run whose briefly trained model's sampled sums are right often enough
+#: for both answer classes to occur: what the detect tests run, one checkpoint at the end.
+TINY_DETECT_RUN: dict[str, Any] = {
+    "data.dataset": "modular",
+    "data.modular_p": 7,
+    "data.train_fraction": 0.5,
+    "data.eval_samples": 24,
+    "data.max_length": 16,
+    "extract.probe_samples": 24,
+    "train.steps": 60,
+    "train.checkpoint_every": 60,
+    "sae.batch_size": 32,
+    "detect.samples": 24,
+    "detect.num_samples": 4,
+    "detect.temperature": 1.0,
+    "detect.max_new_tokens": 4,
+}

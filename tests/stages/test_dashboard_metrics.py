@@ -29,28 +29,17 @@ from shared.stage import stage_main
 from shared.store import open_store
 from tests.fixtures_prometheus import SCRAPE_S, PrometheusServer
 from tests.fixtures_pushgateway import PushgatewayServer
-from tests.support import dashboard_queries, queried_metrics, register_run
+from tests.support import TINY_DETECT_RUN, dashboard_queries, queried_metrics, register_run
 
-#: tests/stages/test_detect.py's tiny modular run (both answer classes occur), with four
-#: checkpoints so OT has step drift and change points to report.
+#: The detect tests' tiny run, with four checkpoints so OT has step drift and change
+#: points to report, and every other pushing stage kept short.
 TINY = {
-    "data.dataset": "modular",
-    "data.modular_p": 7,
-    "data.train_fraction": 0.5,
-    "data.eval_samples": 24,
-    "data.max_length": 16,
-    "extract.probe_samples": 24,
+    **TINY_DETECT_RUN,
     "train.batch_size": 16,
     "train.warmup_steps": 5,
-    "train.steps": 60,
     "train.checkpoint_every": 20,
-    "sae.batch_size": 32,
     "sae.epochs": 10,
     "ot.bootstrap": 5,
-    "detect.samples": 24,
-    "detect.num_samples": 4,
-    "detect.temperature": 1.0,
-    "detect.max_new_tokens": 4,
     "detect.bootstrap": 100,
     "evaluate.bootstrap": 20,
 }

@@ -29,7 +29,7 @@ from shared import layout
 from shared.auroc import auroc
 from shared.stage import stage_main
 from shared.store import open_store
-from tests.support import register_run
+from tests.support import TINY_DETECT_RUN, register_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -258,24 +258,7 @@ def test_detect_scores_every_answer_on_a_tiny_run(tmp_path):
     """A tiny `modular` run: a briefly trained model's sampled sums are right often
     enough for both classes to occur; the contract of every output, checked in full."""
     store = open_store(str(tmp_path / "store"))
-    run_id = _trained(
-        store,
-        {
-            "data.dataset": "modular",
-            "data.modular_p": 7,
-            "data.train_fraction": 0.5,
-            "data.eval_samples": 24,
-            "data.max_length": 16,
-            "extract.probe_samples": 24,
-            "train.steps": 60,
-            "train.checkpoint_every": 60,
-            "sae.batch_size": 32,
-            "detect.samples": 24,
-            "detect.num_samples": 4,
-            "detect.temperature": 1.0,
-            "detect.max_new_tokens": 4,
-        },
-    )
+    run_id = _trained(store, TINY_DETECT_RUN)
     assert stage_main([SAE_TRAIN, DETECT], ["train", *_args(store, run_id)]) == 0
     assert stage_main([SAE_TRAIN, DETECT], ["detect", *_args(store, run_id)]) == 0
 
