@@ -6,7 +6,8 @@ AUROC with the bootstrap 95% CI, and `ratio_to_detector` (the detector's AUROC o
 score's), all measured side by side on the same answers and the same question-level
 split; then, for the SAE detector and the combined one (SAE signals + the model's own
 baselines), the AUROC difference to the best baseline on the test split with its paired
-bootstrap 95% CI (`beats_best_baseline`: the CI lies above 0). A last line compares the
+bootstrap 95% CIs, resampling questions (`beats_best_baseline`: that CI lies above 0) and,
+too narrow, answers. A last line compares the
 detector with GhostTrack's stated target (AUROC 0.90).
 Whatever the numbers are, they are what this run reached; a detector that loses to the
 dense probe is a finding, not a failure of the benchmark.
@@ -34,6 +35,10 @@ from shared.stage import load_run_spec, stage_main
 from shared.store import open_store
 
 GHOSTTRACK_TARGET_AUROC = 0.90
+
+
+def _rounded(ci: list[float] | None) -> list[float] | None:
+    return None if ci is None else [round(v, 4) for v in ci]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             "best_baseline": versus["baseline"],
             "best_baseline_test_auroc": round(versus["auroc"], 4),
             "auroc_difference": round(entry["auroc_difference"], 4),
-            "paired_ci95": None if entry["ci95"] is None else [round(v, 4) for v in entry["ci95"]],
+            "questions": versus["questions"],
+            "paired_ci95_by_question": _rounded(entry["ci95"]),
+            "paired_ci95_by_answer": _rounded(entry["ci95_by_answer"]),
             "beats_best_baseline": entry["beats_baseline"],
         }), flush=True)  # fmt: skip
     best_signal = max(

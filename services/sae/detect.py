@@ -27,7 +27,7 @@ from services.sae.plan import detect_layers, final_checkpoint
 from services.sae.signals import describe, model_baselines, tracking_signals
 from services.sae.tracking import AnswerTracking, track_answer, unit_rows
 from shared import layout
-from shared.auroc import auroc, bootstrap_ci, paired_difference_ci
+from shared.auroc import auroc, bootstrap_ci, clustered_difference_ci, paired_difference_ci
 from shared.data import Example, Task, load_task, prompt_ids
 from shared.errors import ArtifactNotFound, DriftlabError
 from shared.models import load_model
@@ -283,27 +283,33 @@ def _matrix(rows: list[dict[str, float]]) -> np.ndarray:
 def _against_best_baseline(
     rows: list[dict[str, Any]], y_test: np.ndarray, test: np.ndarray, d: DetectSpec
 ) -> dict[str, Any]:
-    """Each detector's test AUROC minus the best baseline's, with the paired bootstrap CI.
+    """Each detector's test AUROC minus the best baseline's, with paired bootstrap CIs.
 
     The best baseline is the one with the highest *test* AUROC: picking the comparison on
     the test split favours the baselines, so a detector that beats it with a CI above 0
-    beats every baseline. A CI above 0 is the claim "SAE signals add something"; one
-    containing 0 is no evidence either way, and the report says so.
+    beats every baseline. The verdict (`beats_baseline`) takes the interval that resamples
+    questions (`ci95`): a question's answers are not independent evidence, and the one
+    that resamples answers (`ci95_by_answer`) is too narrow. A CI above 0 is the claim
+    "SAE signals add something"; one containing 0 is no evidence either way.
     """
 
     def test_scores(name: str) -> np.ndarray:
         return np.asarray([r["scores"][name] for r in rows])[test]
 
+    questions = [r["id"] for r, keep in zip(rows, test, strict=True) if keep]
     baselines = [name for name in rows[0]["scores"] if name.startswith("baseline_")]
     best = max(baselines, key=lambda name: auroc(y_test, test_scores(name)))
     best_auroc = auroc(y_test, test_scores(best))
-    result: dict[str, Any] = {"baseline": best, "auroc": best_auroc, "resamples": d.bootstrap}
+    result: dict[str, Any] = {"baseline": best, "auroc": best_auroc, "resamples": d.bootstrap,
+                              "questions": len(set(questions))}  # fmt: skip
     for name in (DETECTOR, COMBINED):
-        ci = paired_difference_ci(y_test, test_scores(name), test_scores(best), d.bootstrap,
-                                  seed=d.seed)  # fmt: skip
+        ours, theirs = test_scores(name), test_scores(best)
+        ci = clustered_difference_ci(y_test, ours, theirs, questions, d.bootstrap, seed=d.seed)
+        by_answer = paired_difference_ci(y_test, ours, theirs, d.bootstrap, seed=d.seed)
         result[name] = {
-            "auroc_difference": auroc(y_test, test_scores(name)) - best_auroc,
+            "auroc_difference": auroc(y_test, ours) - best_auroc,
             "ci95": None if ci is None else list(ci),
+            "ci95_by_answer": None if by_answer is None else list(by_answer),
             "beats_baseline": ci is not None and ci[0] > 0,
         }
     return result

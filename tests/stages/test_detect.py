@@ -312,8 +312,10 @@ def test_detect_scores_every_answer_on_a_tiny_run(tmp_path):
         entry = versus[name]
         difference = metrics["scores"][name]["auroc"] - versus["auroc"]
         assert entry["auroc_difference"] == pytest.approx(difference)
-        low, high = entry["ci95"]
+        low, high = entry["ci95"]  # by question: what the verdict takes
         assert low <= high and entry["beats_baseline"] == (low > 0)
+        by_answer = entry["ci95_by_answer"]
+        assert by_answer[1] - by_answer[0] <= high - low  # 4 answers a question: narrower
 
     tracks, meta = store.get_tensors(layout.detect_tracks_key(run_id))
     assert len(json.loads(meta["answers"])) == len(rows)

@@ -17,7 +17,13 @@ from services.evaluator.explorer import FEATURES_PER_LAYER
 from services.evaluator.report import SECTION_IDS, render_html
 from services.evaluator.sections import Report
 from shared import hidden, layout
-from shared.auroc import auroc, bootstrap_ci, paired_difference_ci, resampled_aurocs
+from shared.auroc import (
+    auroc,
+    bootstrap_ci,
+    clustered_difference_ci,
+    paired_difference_ci,
+    resampled_aurocs,
+)
 from shared.sae.artifacts import load_sae
 from shared.spec import EvaluateSpec
 from shared.stage import stage_main
@@ -117,6 +123,24 @@ def test_paired_difference_ci_is_the_percentile_interval_of_same_draw_difference
     assert paired[1] - paired[0] < (separate[1] - separate[0]) / 2
     assert paired_difference_ci(LABELS, SCORES, SCORES, 50) == (0.0, 0.0)
     assert paired_difference_ci(np.ones(5), np.arange(5.0), np.arange(5.0), 50) is None
+
+
+def test_clustered_interval_counts_questions_not_their_repeated_answers():
+    other = np.round(LABELS * 0.3 + RNG.normal(size=120), 1)
+    questions = [f"q{i}" for i in range(120)]
+    one_each = clustered_difference_ci(LABELS, SCORES, other, questions, 400, seed=2)
+    # eight identical answers per question: the same evidence as one answer each
+    y8, a8, b8 = (np.repeat(v, 8) for v in (LABELS, SCORES, other))
+    q8 = np.repeat(questions, 8).tolist()
+    by_question = clustered_difference_ci(y8, a8, b8, q8, 400, seed=2)
+    by_answer = paired_difference_ci(y8, a8, b8, 400, seed=2)
+    assert one_each is not None and by_question is not None and by_answer is not None
+    assert by_question == pytest.approx(one_each)  # repeats add nothing
+    width = by_question[1] - by_question[0]
+    assert by_answer[1] - by_answer[0] < width / 2  # answers alone: far too sure
+    point = auroc(LABELS, SCORES) - auroc(LABELS, other)
+    assert by_question[0] < point < by_question[1]
+    assert clustered_difference_ci(LABELS[:3], SCORES[:3], other[:3], questions[:3], 50) is None
 
 
 def test_detection_uses_train_threshold_on_test_and_drops_no_answers():
