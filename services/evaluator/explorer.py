@@ -149,7 +149,9 @@ def _feature_cards(
         }
         if not isinstance(unembedding, str):
             effects = card.logit_effects(directions[f], *unembedding)
-            entry.update(card.ranked_tokens(effects, decode, LOGIT_TOKENS))
+            entry.update(
+                card.ranked_tokens(effects, decode, LOGIT_TOKENS, among=contexts.used_tokens)
+            )
         cards[f"{layer}/{f}"] = entry
     return cards
 

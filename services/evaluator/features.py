@@ -54,6 +54,10 @@ class ProbeContexts:
         self.position = probe.token_position.tolist()
         self.token_id = probe.token_id.numpy()
         self.example_ids = probe.example_ids
+        #: Token ids the probe's texts use: what output-token rankings are drawn from.
+        self.used_tokens = torch.unique(
+            torch.cat([probe.input_ids[i, :n] for i, n in enumerate(probe.lengths.tolist())])
+        )
 
     def top(
         self, column: torch.Tensor, decode: Callable[[list[int]], str], count: int, width: int
@@ -99,10 +103,20 @@ def logit_effects(
 
 
 def ranked_tokens(
-    effects: torch.Tensor, decode: Callable[[list[int]], str], count: int
+    effects: torch.Tensor,
+    decode: Callable[[list[int]], str],
+    count: int,
+    among: torch.Tensor | None = None,
 ) -> dict[str, list[list[Any]]]:
-    """The `count` most promoted and most suppressed output tokens, as [text, effect]."""
+    """The `count` most promoted and most suppressed output tokens, as [text, effect].
+
+    `among` restricts them to those token ids: a vocabulary the task never uses (the
+    numbers tokenizer's 1,258 tokens for sums below 53) keeps its random initial
+    unembedding rows, whose effects would crowd out the informative ones.
+    """
     order = torch.argsort(effects, descending=True, stable=True)
+    if among is not None:
+        order = order[torch.isin(order, among)]
     return {
         "promoted": [[decode([int(i)]), float(effects[i])] for i in order[:count]],
         "suppressed": [[decode([int(i)]), float(effects[i])] for i in order.flip(0)[:count]],

@@ -60,8 +60,19 @@ def test_report_renders_in_headless_chromium(tmp_path):
         if any(c["token"] == token for c in card["contexts"])
     }
     expected_by_token = sorted(best, key=lambda key: -best[key])  # the strongest first
+    # a plain number is an id in every layer and then a token (the numbers tokenizer's are)
+    number = str(last["feature"])
+    by_number = {
+        key: max(c["activation"] for c in card["contexts"] if c["token"].strip() == number)
+        for key, card in explorer["features"].items()
+        if any(c["token"].strip() == number for c in card["contexts"])
+    }
+    expected_by_number = [k for k, card in explorer["features"].items()
+                          if str(card["feature"]) == number]  # fmt: skip
+    expected_by_number += [k for k in sorted(by_number, key=lambda k: -by_number[k])
+                           if k not in expected_by_number]  # fmt: skip
     for query, expected in ((f"L1/{last['feature']}", [f"1/{last['feature']}"]),
-                            (token, expected_by_token)):  # fmt: skip
+                            (token, expected_by_token), (number, expected_by_number)):  # fmt: skip
         found = _chromium(tmp_path, "--dump-dom", f"{page}#search={quote(query)}")
         assert found.returncode == 0, found.stderr[-2000:]
         panel = found.stdout[found.stdout.index('<div id="feature-results">') :]

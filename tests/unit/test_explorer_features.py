@@ -84,6 +84,12 @@ def test_logit_effects_are_the_model_s_own_final_norm_and_unembedding():
     order = torch.argsort(direct, descending=True)
     assert [int(t) for t, _ in ranked["promoted"]] == order[:3].tolist()
     assert [int(t) for t, _ in ranked["suppressed"]] == order.flip(0)[:3].tolist()
+    # restricted to the tokens a task uses: the same order, the rest left out
+    used = torch.tensor([1, 4, 9, 16, 25, 36, 49])
+    within = card.ranked_tokens(effects, lambda ids: str(ids[0]), count=3, among=used)
+    in_use = [t for t in order.tolist() if t in used.tolist()]
+    assert [int(t) for t, _ in within["promoted"]] == in_use[:3]
+    assert [int(t) for t, _ in within["suppressed"]] == in_use[::-1][:3]
 
 
 def test_nearest_features_rank_decoder_cosines():

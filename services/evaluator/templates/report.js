@@ -139,7 +139,9 @@
       panel.appendChild(el('p', 'Direct effect on the logits of one unit of activation: the ' +
         'decoder direction, centred and multiplied by the final layer norm\'s scale, through ' +
         'the unembedding of checkpoint ' + sae.step + ' (relative values: the layer norm\'s ' +
-        'division by each token\'s spread is left out; later blocks are bypassed).', 'note'));
+        'division by each token\'s spread is left out; later blocks are bypassed), ranked ' +
+        'among the tokens the probe\'s texts use: the rest of the vocabulary is untrained here.',
+        'note'));
       var rows = f.promoted.map(function (p, i) {
         var s = f.suppressed[i] || ['', ''];
         return [JSON.stringify(p[0]), p[1], JSON.stringify(s[0]), s[1]];
@@ -170,13 +172,17 @@
   var featureSel = document.getElementById('feature-select');
   var search = document.getElementById('feature-search');
   var results = document.getElementById('feature-results');
+  // "L1/5", "1:5" or "F5" name a feature; a plain number is a feature id *and* a token
+  // (with the numbers tokenizer most tokens are numbers), ids first; anything else a token.
   function find(query) {
-    var q = query.trim(), id = /^(?:L?(\d+)\s*[\/:F ]\s*F?)?(\d+)$/i.exec(q);
+    var q = query.trim(), id = /^(?:L?(\d+)\s*[\/:]\s*F?|F)?(\d+)$/i.exec(q);
+    var found = [];
     if (id) {
-      return keys.filter(function (k) {
+      found = keys.filter(function (k) {
         var f = data.features[k];
         return String(f.feature) === id[2] && (id[1] === undefined || String(f.layer) === id[1]);
       });
+      if (!/^\d+$/.test(q)) return found;
     }
     var needle = q.toLowerCase(), best = {};
     keys.forEach(function (k) {
@@ -186,10 +192,15 @@
         }
       });
     });
-    return Object.keys(best).sort(function (a, b) { return best[b] - best[a]; });
+    Object.keys(best).sort(function (a, b) { return best[b] - best[a]; }).forEach(function (k) {
+      if (found.indexOf(k) < 0) found.push(k);
+    });
+    return found;
   }
   function runSearch() {
     results.textContent = '';
+    // the address holds the search, so the link shares it (replaceState: no jump, no history)
+    history.replaceState(null, '', '#search=' + encodeURIComponent(search.value));
     var found = find(search.value);
     if (!found.length) {
       results.appendChild(el('p', 'no shown feature has id or top token "' + search.value + '"'));
@@ -216,8 +227,12 @@
       e.preventDefault(); runSearch();
     });
     // A search in the page's address (report.html#search=12) runs on load: links can share it.
-    var hash = /[#&]search=([^&]*)/.exec(window.location.hash);
-    if (hash) { search.value = decodeURIComponent(hash[1]); runSearch(); }
-    else if (keys.length) showFeature(keys[0], true);
+    function searchFromAddress() {
+      var hash = /[#&]search=([^&]*)/.exec(window.location.hash);
+      if (hash) { search.value = decodeURIComponent(hash[1]); runSearch(); }
+      return Boolean(hash);
+    }
+    window.addEventListener('hashchange', searchFromAddress);
+    if (!searchFromAddress() && keys.length) showFeature(keys[0], true);
   }
 })();
