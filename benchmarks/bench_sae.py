@@ -209,6 +209,7 @@ def stream_cases(args: argparse.Namespace) -> list[dict[str, Any]]:
         vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.d_in,
         n_layer=args.n_layer, n_head=args.d_in // head_dim,
         activation_function="gelu_pytorch_tanh",
+        bos_token_id=args.vocab - 1, eos_token_id=args.vocab - 1,
     )  # fmt: skip
     model = GPT2LMHeadModel(config).eval().to(device)
     gen = torch.Generator().manual_seed(0)

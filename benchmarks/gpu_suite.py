@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
          [py, "benchmarks/bench_grokking.py", "--store", f"{store}/grokking", "--parallel", "3"],
          float("inf")),
     ]  # fmt: skip
+    unknown = sorted(set(args.skip) - {step for step, _, _ in steps})
+    if unknown:
+        parser.error(f"--skip: no step {', '.join(unknown)}; the steps: "
+                     f"{', '.join(step for step, _, _ in steps)}")  # fmt: skip
     for step, command, cap in steps:
         if step in args.skip:
             suite.lines.append({"step": step, "status": "skipped", "reason": "--skip"})

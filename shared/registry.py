@@ -420,6 +420,10 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         args.descending,
         args.limit,
     )
+    if not rows and args.format == "table":
+        where = f" match {' '.join(args.filter)}" if args.filter else f" in {args.store}"
+        print(f"no runs{where}", file=sys.stderr)
+        return 0
     shown = _split_list(args.show)
     columns = select_columns(rows, shown, _split_list(args.hide))
     width = _terminal_width() if args.format == "table" else None
@@ -433,7 +437,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     sys.stdout.flush()  # the note below the table, not above it, in a terminal
     if left_out:
         print(
-            f"({left_out} more columns did not fit: --show COLUMN adds one, --format csv has all)",
+            f"({left_out} more columns: --show COLUMN adds one, --list-columns lists them)",
             file=sys.stderr,
         )
     return 0

@@ -3,8 +3,9 @@
 JSON and CSV are for programs: every selected column, every value whole. The table is for
 a person: lists read `20, 60`, long values end in `…`, and at a terminal (or with
 $COLUMNS set) it keeps to its width by leaving out the columns that matter least: the
-run id, its state and what `--show` asked for stay; swept parameters, annotations and
-headline numbers come next; the spec's other fields give way first.
+run id and its state (first) and what `--show` asked for stay; the run's name, swept
+parameters, annotations, tags, headline numbers and when it was created come next; the
+spec's other fields give way first, and a column with no value in any row is never shown.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ Row = dict[str, Any]
 FORMATS = ("table", "csv", "json")
 ALWAYS_SHOWN = ("run_id", "state")
 # After those and --show's columns, kept in this order while they fit; the rest after.
-KEPT_FIRST = ("custom.*", "annotations.*", "*.headline.*", "run.tags.*", "created", "run.name")
+KEPT_FIRST = ("run.name", "custom.*", "annotations.*", "run.tags.*", "*.headline.*", "created")
 MAX_CELL_WIDTH = 40  # a run id is never cut: it is what every other command takes
 MIN_CUT_WIDTH = 6
 COLUMN_GAP = 2
@@ -57,17 +58,21 @@ def fit_columns(
     """The `columns` a table of `width` characters shows, in their order.
 
     The run id, state and `wanted` (what --show asked for) are always shown; the others,
-    most useful first (KEPT_FIRST), while their widest value fits what is left.
+    most useful first (KEPT_FIRST), while their widest value fits what is left, and never
+    one that no row has a value in.
     """
     natural = {column: _natural_width(rows, column) for column in columns}
     kept: set[str] = set()
     used = -COLUMN_GAP
     for column in sorted(columns, key=lambda c: _rank(c, wanted)):
         need = natural[column] + COLUMN_GAP
-        if column in ALWAYS_SHOWN or column in wanted or used + need <= width:
+        required = column in ALWAYS_SHOWN or column in wanted
+        has_values = any(row.get(column) not in (None, "") for row in rows)
+        if required or (used + need <= width and has_values):
             kept.add(column)
             used += need
-    return [column for column in columns if column in kept]
+    first = [column for column in ALWAYS_SHOWN if column in kept]
+    return first + [column for column in columns if column in kept and column not in first]
 
 
 def _rank(column: str, wanted: Sequence[str]) -> int:

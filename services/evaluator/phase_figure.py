@@ -60,7 +60,7 @@ def phases_png(series: PhaseSeries) -> bytes:
         handles.append(line)
         if series.baseline is not None:
             (line,) = twin.plot(ends, series.baseline[: len(ends)], ":", color="C0",
-                                label="drift baseline (noise)")  # fmt: skip
+                                label="permutation baseline (noise)")  # fmt: skip
             handles.append(line)
         twin.set_ylabel("OT drift / layer spread")
         if min(series.drift) > 0:  # a first interval far larger than the rest flattens them

@@ -54,7 +54,8 @@ OT_CAPTIONS = {
     "layer. Look for blocks along the diagonal: each block is a phase in which the layer's "
     "representation barely moves; a sharp block edge is a transition.",
     "step": "Drift between consecutive checkpoints per layer and their mean, with confidence "
-    "intervals, the split-half baseline and change points. Look for a peak above the baseline.",
+    "intervals, the permutation baseline (two random halves of one checkpoint's cloud) and "
+    "change points. Look for a peak above the baseline.",
     "drift_vs_eval": "The mean step drift above eval loss and accuracy on one step axis. Look "
     "for the drift peak at the checkpoint where accuracy jumps.",
 }

@@ -151,7 +151,7 @@ def test_the_table_fits_80_columns_and_show_adds_one(store):
     assert len(lines) == 6 and all(len(line) <= 80 for line in lines), lines
     header = lines[0].split()
     assert header[:2] == ["run_id", "state"] and "custom.width_mult" in header, header
-    assert "model.arch" not in header and "more columns did not fit" in out.stderr
+    assert "model.arch" not in header and "more columns: --show COLUMN" in out.stderr
     assert lines[1].split()[:2] == ["lr-small-20261101-120000-aaaaaa", "done"]
     assert lines[-1].split()[:2] == ["plain-20261105-120000-eeeeee", "running"]
 
