@@ -92,16 +92,20 @@
     var w = 360, hgt = 110, pad = 14, s = svg(w, hgt + pad + 16);
     var top = Math.max.apply(null, points.map(function (p) { return p.mean; }).concat([1e-12]));
     var last = points[points.length - 1].step || 1;
+    var margin = 6;  // the end points' circles stay inside the chart
     var xy = points.map(function (p) {
-      return [w * p.step / last, pad + hgt - hgt * p.mean / top];
+      return [margin + (w - 2 * margin) * p.step / last, pad + hgt - hgt * p.mean / top];
     });
+    shape(s, 'line', {x1: 0, y1: pad + hgt, x2: w, y2: pad + hgt, stroke: '#999'});  // 0
+    shape(s, 'line', {x1: 0, y1: pad, x2: w, y2: pad, stroke: '#ddd'});  // the top label's
     shape(s, 'polyline', {points: xy.map(function (q) { return q.join(','); }).join(' '),
       fill: 'none', stroke: '#4a7ab5', 'stroke-width': 2});
     points.forEach(function (p, i) {
       shape(s, 'circle', {cx: xy[i][0], cy: xy[i][1], r: p.step === at ? 5 : 3,
         fill: p.step === at ? '#c62828' : '#4a7ab5'}, 'step ' + p.step + ': mean ' + fmt(p.mean));
     });
-    shape(s, 'text', {x: 4, y: 10, 'font-size': 10}).textContent = 'mean ' + fmt(top);
+    shape(s, 'text', {x: 4, y: 10, 'font-size': 10}).textContent =
+      'mean activation (top line ' + fmt(top) + ', bottom 0)';
     shape(s, 'text', {x: 0, y: pad + hgt + 13, 'font-size': 10}).textContent = 'step 0';
     shape(s, 'text', {x: w, y: pad + hgt + 13, 'font-size': 10, 'text-anchor': 'end'}).textContent = 'step ' + last;
     return s;
