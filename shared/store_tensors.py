@@ -18,7 +18,7 @@ from shared.errors import StoreError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["read_safetensors", "write_safetensors"]
+__all__ = ["read_safetensors", "safetensors_bytes", "write_safetensors"]
 
 
 def write_safetensors(
@@ -28,6 +28,14 @@ def write_safetensors(
     from safetensors.torch import save_file
 
     save_file(_cpu_tensors(tensors), str(path), metadata=metadata)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+    """`tensors` and `metadata` as the bytes of a safetensors file, for small objects that
+    are written in one piece (`Store.put_bytes_if_absent`)."""
+    from safetensors.torch import save
+
+    return save(_cpu_tensors(tensors), metadata=metadata)
 
 
 def read_safetensors(path: Path, url: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

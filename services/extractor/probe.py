@@ -18,13 +18,14 @@ from collections.abc import Sequence
 
 import torch
 
-from shared import hidden, layout
+from shared import hidden, layout, stage_registry
 from shared.data import Task, answer_starts, load_task, tokenize_examples
 from shared.done import RecordingStore
 from shared.errors import DriftlabError
 from shared.hidden import ExtractionError, Probe
 from shared.spec import RunSpec, section_digest
 from shared.store import Store
+from shared.store_tensors import safetensors_bytes
 from shared.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -41,20 +42,32 @@ def probe_digest(spec: RunSpec) -> str:
 
 
 def ensure_probe(store: Store, run_id: str, spec: RunSpec) -> Probe:
-    """This spec's probe, built afresh and stored unless the store holds exactly its bytes.
+    """This spec's probe, built afresh and stored unless the store already holds it.
 
     Building is cheap and deterministic, and the probe is written by whichever extract step
     comes first: a step killed after writing it leaves it vouched for by no DONE marker, so
-    no step trusts the stored one. Each step's marker then lists the probe it used (written
-    or kept), and a damaged probe is rewritten rather than read.
+    no step trusts the stored one without comparing it. Steps run side by side (a pod per
+    checkpoint), and safetensors writes metadata in a per-process order, so equal probes
+    differ in bytes: the probe is created atomically (`put_bytes_if_absent`), exactly one
+    step's bytes win, and every step's DONE marker lists those bytes (written or kept). A
+    damaged probe is deleted and created again.
     """
     probe = build_probe(spec, load_task(spec.data), load_tokenizer(spec.data.tokenizer))
     key = layout.probe_key(run_id)
-    if _holds(store, key, probe):
-        if isinstance(store, RecordingStore):
-            store.keep(key)
-    else:
-        store.put_tensors(key, probe.tensors(), metadata=probe.metadata())
+    if not _holds(store, key, probe):
+        if store.exists(key):  # damaged, or of an older format
+            store.delete(key)
+        data = safetensors_bytes(probe.tensors(), probe.metadata())
+        if store.put_bytes_if_absent(key, data):
+            return probe  # written here: the store's record lists it
+        if not _holds(store, key, probe):
+            raise ExtractionError(
+                f"{store.url_of(key)} was written by another extract step and differs from "
+                f"this step's probe; rerun "
+                f"`{stage_registry.EXTRACT.command(run_id, store.url)} --force`"
+            )
+    if isinstance(store, RecordingStore):
+        store.keep(key)
     return probe
 
 

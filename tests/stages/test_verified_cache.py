@@ -14,11 +14,15 @@ import pytest
 import torch
 
 from services.extractor.__main__ import EXTRACT
+from services.extractor.probe import build_probe, ensure_probe
 from services.trainer.__main__ import TRAIN
 from shared import layout
+from shared.data import load_task
+from shared.done import RecordingStore
 from shared.models import load_model
-from shared.stage import stage_main
+from shared.stage import load_run_spec, stage_main
 from shared.store import Store, open_store
+from shared.tokenizer import load_tokenizer
 from tests.support import register_run, run_stage_here
 from tests.toy_stage import TOY
 
@@ -201,3 +205,28 @@ def test_a_probe_left_by_a_killed_step_is_rewritten_and_every_step_vouches_for_i
     assert metadata == whole[1] and all(torch.equal(tensors[k], v) for k, v in whole[0].items())
     for step in (0, 10, 20):  # written or kept, every step's marker lists the probe it used
         assert key in store.get_json(layout.extract_done_key(run_id, step))["artifacts"]
+
+
+def test_a_step_that_loses_the_race_to_write_the_probe_vouches_for_the_winners_bytes(trained):
+    """Extract steps run side by side and safetensors orders metadata per process, so two
+    steps' equal probes differ in bytes: exactly one may write it, and both must list it."""
+    store, run_id = trained
+    key = layout.probe_key(run_id)
+    spec = load_run_spec(store, run_id)
+    winner = build_probe(spec, load_task(spec.data), load_tokenizer(spec.data.tokenizer))
+
+    class Racing(RecordingStore):
+        """A step whose atomic create finds another step's probe already there."""
+
+        winners_sha256 = ""
+
+        def _put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+            self.inner.put_tensors(key, winner.tensors(), metadata=winner.metadata())
+            self.winners_sha256 = self.inner.sha256(key)  # what the other step's DONE lists
+            return super()._put_bytes_if_absent(key, data)
+
+    store.delete(key)
+    racing = Racing(store, layout.run_prefix(run_id))
+    ensure_probe(racing, run_id, spec)
+    # not overwritten, and vouched for as it is: the other step's marker still holds
+    assert racing.winners_sha256 == store.sha256(key) == racing.artifacts()[key]["sha256"]
