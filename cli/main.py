@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from cli.sweep import add_sweep_parser
 from shared import bookkeeping, dashboard_push, dashboards
-from shared.errors import DriftlabError, SpecError, run_command
+from shared.errors import DriftlabError, run_command
 from shared.registry import add_runs_parser, add_store_argument
 from workflows.commands import add_workflow_parsers
 
@@ -25,14 +25,17 @@ def _cmd_spec_validate(args: argparse.Namespace) -> int:
 
     available = NO_MACHINE if args.memory is None else parse_memory(args.memory)
     where = "any one machine has" if args.memory is None else f"--memory {args.memory}"
-    for path in args.specs:
-        spec = load_spec(path)
+    failed = 0
+    for path in args.specs:  # every file gets its line: one bad spec hides no other's
         try:
-            check_memory(spec, available, where=where)
+            check_memory(load_spec(path), available, where=where)
         except DriftlabError as err:
-            raise SpecError(f"{path}: {err}") from None
+            message = str(err) if str(err).startswith(f"{path}") else f"{path}: {err}"
+            print(f"driftlab: error: {message}", file=sys.stderr)
+            failed = max(failed, err.exit_code)
+            continue
         print(f"{path}: ok")
-    return 0
+    return failed
 
 
 def _cmd_spec_show(args: argparse.Namespace) -> int:

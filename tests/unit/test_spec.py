@@ -145,6 +145,16 @@ def test_cli_reports_bad_spec_in_one_line(tmp_path, case):
     assert expected in lines[0]
 
 
+def test_cli_validates_every_file_past_a_bad_one(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layer: -1\n")
+    out = _cli("validate", str(bad), "configs/tiny-cpu.yaml")
+    assert out.returncode == 2
+    assert out.stdout == "configs/tiny-cpu.yaml: ok\n"
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"driftlab: error: {bad}: model.n_layer")
+
+
 @pytest.mark.parametrize("kind", ["missing", "directory"])
 def test_cli_reports_unreadable_path(tmp_path, kind):
     path = tmp_path / "nope.yaml" if kind == "missing" else tmp_path
