@@ -60,6 +60,7 @@ def state_graph_svg(analysis: HMMAnalysis) -> str:
         'markerHeight="6" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
         'fill="#444"/></marker></defs>',
     ]
+    labels: list[str] = []
     for i in range(k):
         for j in range(k):
             p = float(transmat[i, j])
@@ -87,10 +88,11 @@ def state_graph_svg(analysis: HMMAnalysis) -> str:
                 lines += [
                     f"{name} {value:+.2g}" for name, value in seen.top_features(_LABELLED_FEATURES)
                 ]
-            for n, line in enumerate(lines):
-                parts.append(
+            for n, line in enumerate(lines):  # drawn last, haloed: readable over a node
+                labels.append(
                     f'<text x="{cx:.1f}" y="{cy + 12 * n:.1f}" text-anchor="middle" '
-                    f'fill="#222">{escape(line)}</text>'
+                    f'fill="#222" stroke="#fff" stroke-width="3" paint-order="stroke">'
+                    f"{escape(line)}</text>"
                 )
     for i, (x, y) in enumerate(pos):
         parts.append(
@@ -103,6 +105,7 @@ def state_graph_svg(analysis: HMMAnalysis) -> str:
                 f'<text x="{x:.1f}" y="{y - 10 + 14 * n:.1f}" text-anchor="middle" '
                 f'fill="#fff"{weight}>{escape(line)}</text>'
             )
+    parts += labels
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
