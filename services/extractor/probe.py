@@ -21,7 +21,7 @@ import torch
 from shared import hidden, layout, stage_registry
 from shared.data import Task, answer_starts, load_task, tokenize_examples
 from shared.done import RecordingStore
-from shared.errors import DriftlabError
+from shared.errors import ArtifactNotFound, DriftlabError
 from shared.hidden import ExtractionError, Probe
 from shared.spec import RunSpec, section_digest
 from shared.store import Store
@@ -54,13 +54,14 @@ def ensure_probe(store: Store, run_id: str, spec: RunSpec) -> Probe:
     """
     probe = build_probe(spec, load_task(spec.data), load_tokenizer(spec.data.tokenizer))
     key = layout.probe_key(run_id)
-    if not _holds(store, key, probe):
-        if store.exists(key):  # damaged, or of an older format
+    stored = _compare(store, key, probe)
+    if stored != "same":
+        if stored == "differs":  # damaged, or of an older format (never: just created)
             store.delete(key)
         data = safetensors_bytes(probe.tensors(), probe.metadata())
         if store.put_bytes_if_absent(key, data):
             return probe  # written here: the store's record lists it
-        if not _holds(store, key, probe):
+        if _compare(store, key, probe) != "same":
             raise ExtractionError(
                 f"{store.url_of(key)} was written by another extract step and differs from "
                 f"this step's probe; rerun "
@@ -71,19 +72,25 @@ def ensure_probe(store: Store, run_id: str, spec: RunSpec) -> Probe:
     return probe
 
 
-def _holds(store: Store, key: str, probe: Probe) -> bool:
-    """Whether `key` holds `probe`'s tensors and metadata. Contents, not bytes: safetensors
-    writes metadata in a per-process order, so equal probes differ in bytes."""
+def _compare(store: Store, key: str, probe: Probe) -> str:
+    """ "same" when `key` holds `probe`'s tensors and metadata, "absent" when nothing is
+    there, "differs" otherwise (unreadable included). Contents, not bytes: safetensors
+    writes metadata in a per-process order, so equal probes differ in bytes. "absent" is
+    told apart from "differs" from the read itself, never by a second look: a probe another
+    step creates in between is not a damaged one to delete."""
     try:
         tensors, metadata = store.get_tensors(key)
-    except DriftlabError:  # none yet, or unreadable: either way, write it
-        return False
+    except ArtifactNotFound:
+        return "absent"
+    except DriftlabError:
+        return "differs"
     want = probe.tensors()
-    return (
+    same = (
         metadata == probe.metadata()
         and tensors.keys() == want.keys()
         and all(torch.equal(tensors[name], want[name]) for name in want)
     )
+    return "same" if same else "differs"
 
 
 def build_probe(spec: RunSpec, task: Task, tokenizer: Tokenizer) -> Probe:

@@ -8,7 +8,10 @@ counts as not done instead of failing every rerun.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from services.trainer.__main__ import TRAIN
 from shared import layout
 from shared.data import load_task
 from shared.done import RecordingStore
+from shared.errors import ArtifactNotFound
 from shared.models import load_model
 from shared.stage import load_run_spec, stage_main
 from shared.store import Store, open_store
@@ -230,3 +234,30 @@ def test_a_step_that_loses_the_race_to_write_the_probe_vouches_for_the_winners_b
     ensure_probe(racing, run_id, spec)
     # not overwritten, and vouched for as it is: the other step's marker still holds
     assert racing.winners_sha256 == store.sha256(key) == racing.artifacts()[key]["sha256"]
+
+
+def test_a_probe_created_by_another_step_after_this_one_looked_is_not_deleted(trained):
+    """This step finds no probe; another creates it before this one's atomic create: the
+    other's probe is whole, not damaged, and must stay (the S3 end-to-end run caught a
+    step that took it for damaged and replaced it)."""
+    store, run_id = trained
+    key = layout.probe_key(run_id)
+    spec = load_run_spec(store, run_id)
+    other = build_probe(spec, load_task(spec.data), load_tokenizer(spec.data.tokenizer))
+
+    class LateWinner(RecordingStore):
+        winners_sha256 = ""
+
+        @contextlib.contextmanager
+        def _local_copy(self, key: str) -> Iterator[Path]:
+            if not self.winners_sha256:  # the first read finds nothing; then the other writes
+                self.inner.put_tensors(key, other.tensors(), metadata=other.metadata())
+                self.winners_sha256 = self.inner.sha256(key)
+                raise ArtifactNotFound(f"{key} is not there yet")
+            with super()._local_copy(key) as path:
+                yield path
+
+    store.delete(key)
+    late = LateWinner(store, layout.run_prefix(run_id))
+    ensure_probe(late, run_id, spec)
+    assert late.winners_sha256 == store.sha256(key) == late.artifacts()[key]["sha256"]
