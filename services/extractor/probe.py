@@ -56,7 +56,7 @@ def ensure_probe(store: Store, run_id: str, spec: RunSpec) -> Probe:
     key = layout.probe_key(run_id)
     stored = _compare(store, key, probe)
     if stored != "same":
-        if stored == "differs":  # damaged, or of an older format (never: just created)
+        if stored == "differs":  # damaged or of an older format (a fresh one reads "same")
             store.delete(key)
         data = safetensors_bytes(probe.tensors(), probe.metadata())
         if store.put_bytes_if_absent(key, data):
