@@ -211,27 +211,35 @@ def test_a_probe_left_by_a_killed_step_is_rewritten_and_every_step_vouches_for_i
         assert key in store.get_json(layout.extract_done_key(run_id, step))["artifacts"]
 
 
+class _OtherStep(RecordingStore):
+    """A step's store beside which another extract step writes the same probe (its own
+    bytes) at the moment `other_step_writes` is called."""
+
+    winners_sha256 = ""
+
+    def other_step_writes(self, key: str, run_id: str) -> None:
+        spec = load_run_spec(self.inner, run_id)
+        probe = build_probe(spec, load_task(spec.data), load_tokenizer(spec.data.tokenizer))
+        self.inner.put_tensors(key, probe.tensors(), metadata=probe.metadata())
+        self.winners_sha256 = self.inner.sha256(key)  # what the other step's DONE lists
+
+
 def test_a_step_that_loses_the_race_to_write_the_probe_vouches_for_the_winners_bytes(trained):
     """Extract steps run side by side and safetensors orders metadata per process, so two
     steps' equal probes differ in bytes: exactly one may write it, and both must list it."""
     store, run_id = trained
     key = layout.probe_key(run_id)
-    spec = load_run_spec(store, run_id)
-    winner = build_probe(spec, load_task(spec.data), load_tokenizer(spec.data.tokenizer))
 
-    class Racing(RecordingStore):
+    class Racing(_OtherStep):
         """A step whose atomic create finds another step's probe already there."""
 
-        winners_sha256 = ""
-
         def _put_bytes_if_absent(self, key: str, data: bytes) -> bool:
-            self.inner.put_tensors(key, winner.tensors(), metadata=winner.metadata())
-            self.winners_sha256 = self.inner.sha256(key)  # what the other step's DONE lists
+            self.other_step_writes(key, run_id)
             return super()._put_bytes_if_absent(key, data)
 
     store.delete(key)
     racing = Racing(store, layout.run_prefix(run_id))
-    ensure_probe(racing, run_id, spec)
+    ensure_probe(racing, run_id, load_run_spec(store, run_id))
     # not overwritten, and vouched for as it is: the other step's marker still holds
     assert racing.winners_sha256 == store.sha256(key) == racing.artifacts()[key]["sha256"]
 
@@ -242,22 +250,17 @@ def test_a_probe_created_by_another_step_after_this_one_looked_is_not_deleted(tr
     step that took it for damaged and replaced it)."""
     store, run_id = trained
     key = layout.probe_key(run_id)
-    spec = load_run_spec(store, run_id)
-    other = build_probe(spec, load_task(spec.data), load_tokenizer(spec.data.tokenizer))
 
-    class LateWinner(RecordingStore):
-        winners_sha256 = ""
-
+    class LateWinner(_OtherStep):
         @contextlib.contextmanager
         def _local_copy(self, key: str) -> Iterator[Path]:
             if not self.winners_sha256:  # the first read finds nothing; then the other writes
-                self.inner.put_tensors(key, other.tensors(), metadata=other.metadata())
-                self.winners_sha256 = self.inner.sha256(key)
+                self.other_step_writes(key, run_id)
                 raise ArtifactNotFound(f"{key} is not there yet")
             with super()._local_copy(key) as path:
                 yield path
 
     store.delete(key)
     late = LateWinner(store, layout.run_prefix(run_id))
-    ensure_probe(late, run_id, spec)
+    ensure_probe(late, run_id, load_run_spec(store, run_id))
     assert late.winners_sha256 == store.sha256(key) == late.artifacts()[key]["sha256"]
