@@ -49,4 +49,31 @@ def detection_checks(metrics: Mapping[str, Any], detector: str) -> list[QualityC
             checks.append(
                 judged(STAGE, "detector_auroc_ci", auroc, 0.5, "ok", f"{interval} is {side} 0.5")
             )
+    checks += _against_best_baseline(metrics.get("against_best_baseline"), detector)
     return checks
+
+
+def _against_best_baseline(versus: Mapping[str, Any] | None, detector: str) -> list[QualityCheck]:
+    """Does the detector beat the model's own best signal (the claim SAE detection makes)?
+
+    A detector below the entropy of the model's own output distribution shows nothing SAE
+    features add, whatever its AUROC against chance; the report says so in its banner.
+    """
+    versus = versus or {}
+    entry = versus.get(detector)
+    if entry is None or entry.get("ci95") is None:
+        return []
+    difference = float(entry["auroc_difference"])
+    low, high = (float(v) for v in entry["ci95"])
+    said = (
+        f"detector AUROC minus {versus['baseline']}'s ({versus['auroc']:.3f}): "
+        f"{difference:+.3f} [{low:+.3f}, {high:+.3f}] by question"
+    )
+    if entry["beats_baseline"]:
+        return [judged(STAGE, "detector_vs_best_baseline", difference, 0.0, "ok", f"{said}: above")]
+    message = (
+        f"{said}: the SAE signals add nothing over the model's own uncertainty here; use a "
+        "task whose easy baselines fail (configs/facts-confusable.yaml) and more questions "
+        "(detect.samples) before claiming they do"
+    )
+    return [judged(STAGE, "detector_vs_best_baseline", difference, 0.0, "warn", message)]

@@ -146,6 +146,24 @@ def test_enough_answers_and_a_clear_auroc_pass():
     assert [c.verdict for c in detection_checks(metrics, "detector")] == ["ok", "ok"]
 
 
+def test_a_detector_below_the_best_baseline_warns_and_one_above_passes():
+    n = MIN_TEST_PER_CLASS
+    metrics = _detection_metrics({"correct": n, "hallucinated": n}, [0.55, 0.65])
+    below = {"auroc_difference": -0.24, "ci95": [-0.40, -0.08], "beats_baseline": False}
+    metrics["against_best_baseline"] = {
+        "baseline": "baseline_pred_entropy",
+        "auroc": 0.835,
+        "detector": below,
+    }
+    (check,) = [c for c in detection_checks(metrics, "detector") if c.check.endswith("baseline")]
+    assert (check.verdict, check.value) == ("warn", -0.24)
+    assert "baseline_pred_entropy" in check.message and "add nothing" in check.message
+    above = {"auroc_difference": 0.1, "ci95": [0.02, 0.18], "beats_baseline": True}
+    metrics["against_best_baseline"]["detector"] = above
+    verdicts = {c.check: c.verdict for c in detection_checks(metrics, "detector")}
+    assert verdicts["detector_vs_best_baseline"] == "ok"
+
+
 # -- HMM ---------------------------------------------------------------------------------
 
 
