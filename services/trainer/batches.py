@@ -18,9 +18,9 @@ import torch
 
 def _targets(ids: torch.Tensor, mask: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
     """Next-token targets: -100 at padding and, with `starts`, before each sequence's start."""
-    keep = mask[:, 1:].bool()
+    keep = mask[:, 1:].bool()  # a view of `mask` when it is already bool: never in place
     if starts is not None:
-        keep &= torch.arange(1, ids.shape[1])[None, :] >= starts[:, None]
+        keep = keep & (torch.arange(1, ids.shape[1])[None, :] >= starts[:, None])
     return ids[:, 1:].masked_fill(~keep, -100)
 
 
