@@ -18,11 +18,19 @@ from shared.tokenizer import Tokenizer
 def token_loss_sum(
     model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
-    """Summed next-token cross-entropy: callers divide by the global token count."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    """Summed next-token cross-entropy: callers divide by the global token count.
+
+    The LM head runs only from the first position any sequence has a target at
+    (`logits_to_keep`), never on the last one: with `data.loss_on: answer` the prompt never
+    reaches it, and on grokking's six-token sequences the head is most of a step's cost.
+    """
+    with_target = (targets != -100).any(dim=0).nonzero()
+    first = int(with_target[0]) if len(with_target) else targets.shape[1] - 1
+    keep = torch.arange(first, targets.shape[1], device=ids.device)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
-        targets.reshape(-1),
+        targets[:, first:].reshape(-1),
         ignore_index=-100,
         reduction="sum",
     )
