@@ -196,6 +196,7 @@ _FACT_FORMS = {
     "language": ("In {e} people speak {v}.", "What language is spoken in {e}?"),
 }
 _MAX_NAME = 9
+_FRESH_ATTEMPTS = 10_000
 
 
 def _made_up_word(rng: random.Random, syllables: int, suffix: str = "") -> str:
@@ -204,12 +205,20 @@ def _made_up_word(rng: random.Random, syllables: int, suffix: str = "") -> str:
 
 
 def _fresh_word(rng: random.Random, used: set[str], make: Callable[[], str]) -> str:
-    """A word never produced before in this knowledge base, at most `_MAX_NAME` letters."""
-    while True:
+    """A word never produced before in this knowledge base, at most `_MAX_NAME` letters.
+
+    Bounded: a name with few vowels has few one-vowel variants, and asking for more
+    spellings than exist must fail rather than loop.
+    """
+    for _ in range(_FRESH_ATTEMPTS):
         word = make()
         if len(word) <= _MAX_NAME and word not in used:
             used.add(word)
             return word
+    raise DataError(
+        f"dataset facts: no new name after {_FRESH_ATTEMPTS} draws (a land's name has too few "
+        "vowels for its spellings and twin): lower data.facts_spellings"
+    )
 
 
 def load_facts(spec: DataSpec) -> Task:
@@ -243,8 +252,14 @@ def load_facts(spec: DataSpec) -> Task:
     n_known = min(len(lands) - 1, max(1, round(spec.facts_known_fraction * len(lands))))
     known, unknown = order[:n_known], order[n_known:]
 
-    def example(idx: int, attribute: str, form: str, kind: str) -> Example:
-        land, values = lands[idx]
+    spellings_rng = seeded_rng("facts-spellings", spec.seed)  # its own stream, as the twins'
+    spellings = {
+        idx: _spellings(spellings_rng, used, lands[idx][0], spec.facts_spellings) for idx in known
+    }
+
+    def example(idx: int, attribute: str, form: str, kind: str, land: str = "") -> Example:
+        """One statement or Q/A of land `idx`, under the spelling `land` (default its name)."""
+        land, values = land or lands[idx][0], lands[idx][1]
         statement, question = _FACT_FORMS[attribute]
         value = values[attribute]
         if form == "statement":
@@ -260,7 +275,8 @@ def load_facts(spec: DataSpec) -> Task:
             text=text,
             prompt=prompt,
             answer=value,
-            id=f"facts-{kind}-e{idx:04d}-{attribute}-{form}",
+            id=f"facts-{kind}-e{idx:04d}-{attribute}-{form}"
+            + ("" if land == lands[idx][0] else f"-{land.lower()}"),
             meta=meta,
         )
 
@@ -270,13 +286,14 @@ def load_facts(spec: DataSpec) -> Task:
     for idx in known:
         held_out = rng.choice(attributes)
         for attribute in attributes:
-            statements.append(example(idx, attribute, "statement", "train"))
+            for name in spellings[idx]:
+                statements.append(example(idx, attribute, "statement", "train", name))
+                if attribute != held_out:
+                    questions.append(example(idx, attribute, "qa", "train", name))
+                elif spec.facts_asked:  # trained like a statement: never cut by the cap
+                    statements.append(example(idx, attribute, "qa", "train", name))
             if attribute == held_out:
                 known_eval.append(example(idx, attribute, "qa", "known"))
-                if spec.facts_asked:  # trained like a statement: never cut by the cap
-                    statements.append(example(idx, attribute, "qa", "train"))
-            else:
-                questions.append(example(idx, attribute, "qa", "train"))
     unknown_eval = [example(idx, rng.choice(attributes), "qa", "unknown") for idx in unknown]
     if spec.facts_unknown == "confusable":  # its own stream: the training set stays the same
         twins_rng = seeded_rng("facts-confusable", spec.seed)
@@ -333,6 +350,12 @@ def _confusable_twins(
         question.meta["pair"] = twin_name
         questions.append(question)
     return questions
+
+
+def _spellings(rng: random.Random, used: set[str], name: str, count: int) -> list[str]:
+    """`name` and `count - 1` new variants of it, each with one vowel changed."""
+    variant = functools.partial(_one_vowel_changed, rng, name)
+    return [name, *(_fresh_word(rng, used, variant) for _ in range(count - 1))]
 
 
 def _one_vowel_changed(rng: random.Random, word: str) -> str:

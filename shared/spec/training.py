@@ -188,6 +188,12 @@ class DataSpec(Section):
     so a model is unsure about them and predictive entropy alone spots invented answers;
     `confusable`: each is a known land's name with one letter changed, so a model answers
     with the known twin's fact, confidently and wrongly (the hard case for detectors)."""
+    facts_spellings: Int = Field(default=1, ge=1, le=4)
+    """facts: how many spellings each known land is trained under, its name and variants
+    with one vowel changed, every fact stated under each. Above 1 a model learns that a
+    changed vowel names the same land, so a `confusable` land (a spelling it never saw)
+    gets its twin's fact with confidence: predictive entropy then fails, and only the
+    model's insides can tell a seen name from an unseen one."""
     seed: Seed = 0
     """Seed for generating, shuffling and splitting the data (follows run.seed)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from shared.data import (
     prompt_ids,
     tokenize_examples,
 )
+from shared.data_generated import _fresh_word
 from shared.errors import DriftlabError
 from shared.spec import DataSpec
 from shared.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
@@ -304,6 +306,43 @@ def test_confusable_unknown_lands_are_a_known_name_with_one_vowel_changed() -> N
         assert facts[(twin, ex.meta["attribute"])] != ex.answer
     novel = load_task(spec(dataset="facts"))
     assert [ex.text for ex in novel.train] == [ex.text for ex in task.train]
+
+
+def test_facts_spellings_state_every_fact_under_each_spelling_and_twins_are_never_one():
+    task = load_task(
+        spec(dataset="facts", facts_unknown="confusable", facts_spellings=3, train_samples=2400)
+    )
+    known = [ex for ex in task.eval if task.is_known(ex)]
+    unknown = [ex for ex in task.eval if task.is_known(ex) is False]
+    by_land: dict[str, set[str]] = {}
+    for t in task.train:
+        land = t.id.split("-")[2]  # facts-train-e0007-...: one land, whatever its spelling
+        by_land.setdefault(land, set()).add(t.meta["entity"])
+    spelled = set().union(*by_land.values())
+    for ex in known:
+        names = by_land[ex.id.split("-")[2]]
+        assert ex.meta["entity"] in names and len(names) == 3
+        for name in names - {ex.meta["entity"]}:  # one vowel changed, never the first letter
+            (i,) = [i for i, (a, b) in enumerate(zip(name, ex.meta["entity"], strict=True))
+                    if a != b]  # fmt: skip
+            assert i > 0 and name[i] in "aeiou" and ex.meta["entity"][i] in "aeiou"
+        facts = {
+            (t.meta["entity"], t.meta["attribute"], t.meta["form"]): t.answer for t in task.train
+        }
+        for name in names:  # every fact of the land under every spelling, held-out one aside
+            for (entity, attribute, form), answer in facts.items():
+                if entity == ex.meta["entity"]:
+                    assert facts[(name, attribute, form)] == answer
+            assert (name, ex.meta["attribute"], "qa") not in facts
+    assert all(ex.meta["entity"] not in spelled for ex in unknown)
+    single = load_task(spec(dataset="facts", facts_unknown="confusable", train_samples=2400))
+    assert len(task.train) == 3 * len(single.train)
+    assert [ex.text for ex in single.eval if single.is_known(ex)] == [ex.text for ex in known]
+
+
+def test_a_name_with_no_new_variant_left_is_a_clear_error_not_a_loop() -> None:
+    with pytest.raises(DataError, match=r"lower data\.facts_spellings"):
+        _fresh_word(random.Random(0), {"Bibro"}, lambda: "Bibro")
 
 
 def test_facts_eval_cap_stays_balanced_and_train_cap_is_checked() -> None:
