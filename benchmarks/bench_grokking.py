@@ -17,8 +17,8 @@ report with it, and prints JSON lines:
   boundary within `evaluate.phase_tolerance` checkpoints of the grok step.
 
 The reference is the test-accuracy jump itself, measured in the same runs: the offsets
-are the comparison. configs/grokking.yaml is the paper's size (p=113, 20k full-batch
-steps): hours per seed on a CPU, minutes on a GPU. configs/grokking-cpu.yaml is a smaller
+are the comparison. configs/grokking.yaml is the paper's size (p=113, 4k full-batch
+steps, the loss on the answer): half an hour per seed on a 2-core CPU, minutes on a GPU. configs/grokking-cpu.yaml is a smaller
 modulus that groks on a laptop. --runs skips training and analyses runs already in
 --store.
 
