@@ -230,7 +230,9 @@ def load_facts(spec: DataSpec) -> Task:
     (knowable: stated in training, never asked — or, with `facts_asked`, asked in training
     too) and one attribute of each unknown land (any answer is invented). Eval ids read `facts-known-...`/`facts-unknown-...` and
     `meta["known"]` says the same; `Task.is_known` reads it. Eval alternates the two kinds,
-    so an `eval_samples` cap keeps them balanced.
+    so an `eval_samples` cap keeps them balanced. With `facts_spellings` above 1 each known
+    land's statements and Q/A pairs are repeated under its other spellings; eval asks under
+    its name.
     """
     rng = seeded_rng("facts", spec.seed)
     used: set[str] = set()
