@@ -82,8 +82,8 @@ class SolveStats:
         self.problems += result.problems
         self.unconverged += result.unconverged_problems
         self.polished += result.polished_problems
-        if len(result.values):
-            worst = float(result.relative_error().max())
+        if len(result.values):  # a NaN value counts as an infinite error, never as none
+            worst = float(torch.nan_to_num(result.relative_error(), nan=math.inf).max())
             self.max_relative_error = max(self.max_relative_error, worst)
 
 

@@ -232,25 +232,27 @@ def _polish(
     """
     cost, marginal = out.cost.clone(), out.error.clone()
     values, error = _divergence(cost, marginal, out.max_cost, terms)
-    loose = (error > rtol * values.abs().clamp_min(VALUE_FLOOR)) & ~identical
-    todo = marginal > cfg.tol
+    # Written as "not within" so that a NaN (a warm start that broke down in float32: seen
+    # on a grokked model's last layer) is polished too, never taken for converged.
+    loose = ~(error <= rtol * values.abs().clamp_min(VALUE_FLOOR)) & ~identical
+    todo = ~(marginal <= cfg.tol) | ~torch.isfinite(cost)
     todo[terms[loose].flatten()] = True
     jobs = todo.nonzero().flatten().tolist()
     # Self-terms: the symmetric float64 Sinkhorn converges in ~16 iterations, far cheaper
     # than Newton. Cross problems that need a polish are nearly all the slow ones (on the
     # tiny-cpu demo run 33 of 1,145 converged in 50 float64 iterations): Newton directly.
     selfs = [j for j in jobs if problems[j][0] == problems[j][1]]
-    start = {j: out.g[j] for j in jobs}
+    start = {j: _finite_or_zero(out.g[j]) for j in jobs}
     if selfs:
         cfg64 = replace(
             cfg, dtype=torch.float64, tol=_POLISH_TOL, max_iter=_POLISH_SINKHORN_ITERS,
             eps_scaling=None, on_solved=None,
         )  # fmt: skip
-        init = [(out.f[j], out.g[j]) for j in selfs]
+        init = [(_finite_or_zero(out.f[j]), start[j]) for j in selfs]
         sym = run_problems(clouds, [problems[j] for j in selfs], [None] * len(selfs), init, cfg64)
         cost[selfs], marginal[selfs] = sym.cost, sym.error
         start |= dict(zip(selfs, sym.g, strict=True))
-    slow = [j for j in jobs if marginal[j] > _POLISH_TOL]
+    slow = [j for j in jobs if not marginal[j] <= _POLISH_TOL]
 
     def newton(j: int) -> None:
         x, y = (clouds[k].to(cfg.device) for k in problems[j])
@@ -260,3 +262,8 @@ def _polish(
     with Workers(cfg) as workers:
         workers.map(newton, slow)
     return cost, marginal, todo
+
+
+def _finite_or_zero(potential: Tensor) -> Tensor:
+    """A dual potential to start a polish from: a broken-down one (NaN, inf) starts cold."""
+    return potential if bool(torch.isfinite(potential).all()) else torch.zeros_like(potential)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+import services.ot.pairwise as pairwise_module
 from services.ot.cost import cost_matrix, cost_scale
-from services.ot.drift import depth_time_pairs
+from services.ot.drift import SolveStats, depth_time_pairs
 from services.ot.emd import emd_cost
 from services.ot.newton import newton_polish
 from services.ot.options import DEFAULT_TOL
@@ -354,6 +356,38 @@ def test_pairwise_drift_reuses_self_terms_and_matches_divergence() -> None:
         assert other.values.shape == (len(plan.pairs),) and bool((other.values > 0).all())
     with pytest.raises(ValueError, match="method"):
         pairwise_drift(data, plan.pairs, "wasserstein")  # type: ignore[arg-type]
+
+
+def test_a_solve_that_broke_down_to_nan_is_polished_not_taken_for_converged(monkeypatch) -> None:
+    """A float32 warm start can break down to NaN (a grokked model's last layer did: 39 of
+    40 step drifts came out NaN, and the OT verdicts passed them). The polish must redo
+    such a problem from a cold start, and the value must equal the healthy solve's."""
+    data = clouds(60, 5, seed=29, batch=6).float()
+    data += torch.arange(6, dtype=torch.float32)[:, None, None] * 0.1
+    plan = depth_time_pairs(2, 3)
+    scale = cost_scale(data)
+    healthy = pairwise_drift(data, plan.pairs, "sinkhorn", 0.05, scale=scale)
+    real = pairwise_module.run_problems
+    calls = []
+
+    def broken_first_problem(*args: Any, **kwargs: Any) -> Any:
+        """The main solve's first problem breaks down; the polish's own solves do not."""
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            out.cost[0] = out.error[0] = math.nan
+            out.f[0] = torch.full_like(out.f[0], math.nan)
+            out.g[0] = torch.full_like(out.g[0], math.nan)
+        return out
+
+    monkeypatch.setattr(pairwise_module, "run_problems", broken_first_problem)
+    res = pairwise_drift(data, plan.pairs, "sinkhorn", 0.05, scale=scale)
+    assert bool(torch.isfinite(res.values).all()) and res.unconverged_problems == 0
+    assert torch.allclose(res.values, healthy.values, rtol=1e-3, atol=1e-6)
+    stats = SolveStats()  # and a NaN that got through would fail the verdict, not pass it
+    res.values[0] = math.nan
+    stats.add(res)
+    assert stats.max_relative_error == math.inf
 
 
 def test_polish_finishes_problems_sinkhorn_left_unconverged() -> None:
