@@ -18,8 +18,8 @@ report with it, and prints JSON lines:
 
 The reference is the test-accuracy jump itself, measured in the same runs: the offsets
 are the comparison. configs/grokking.yaml is the paper's size (p=113, 4k full-batch
-steps, the loss on the answer): half an hour per seed on a 2-core CPU, minutes on a GPU. configs/grokking-cpu.yaml is a smaller
-modulus that groks on a laptop. --runs skips training and analyses runs already in
+steps, the loss on the answer): half an hour per seed on a 2-core CPU, minutes on a GPU.
+configs/grokking-cpu.yaml is a smaller modulus that groks on a laptop. --runs skips training and analyses runs already in
 --store.
 
 Usage: python benchmarks/bench_grokking.py [--spec configs/grokking.yaml]

@@ -15,6 +15,7 @@ import hashlib
 import json
 import random
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -72,7 +73,7 @@ def ensure_probe(store: Store, run_id: str, spec: RunSpec) -> Probe:
     return probe
 
 
-def _compare(store: Store, key: str, probe: Probe) -> str:
+def _compare(store: Store, key: str, probe: Probe) -> Literal["same", "absent", "differs"]:
     """ "same" when `key` holds `probe`'s tensors and metadata, "absent" when nothing is
     there, "differs" otherwise (unreadable included). Contents, not bytes: safetensors
     writes metadata in a per-process order, so equal probes differ in bytes. "absent" is
