@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from services.ot.drift import (
     total_problems,
 )
 from shared import layout
-from shared.quality import QualityCheck, at_most
+from shared.quality import QualityCheck, at_least, at_most, judged
 from shared.spec import OTSpec
 from shared.stage import StageContext, resolve_device
 from shared.steps import eval_metrics, selected_steps
@@ -68,7 +69,7 @@ def run_ot(ctx: StageContext) -> None:
         "%d of %d OT problems polished in float64; largest estimated relative error %.2g",
         stats.polished, stats.problems, stats.max_relative_error,
     )  # fmt: skip
-    ctx.judge(*quality_checks(stats))
+    ctx.judge(*quality_checks(stats), *transition_checks(report))
     ctx.store.put_tensors(
         layout.ot_drift_key(ctx.run_id),
         {k: v.contiguous() for k, v in drift.tensors().items()}
@@ -125,6 +126,41 @@ def quality_checks(stats: SolveStats) -> list[QualityCheck]:
             warn=1e-3, fail=1e-2,
         ),
     ]  # fmt: skip
+
+
+def transition_checks(report: Mapping[str, Any]) -> list[QualityCheck]:
+    """The verdict on what the mean step-drift curve's transitions mean.
+
+    ``transitions_above_baseline``: the share of its transitions whose peak drift exceeds
+    the permutation baseline. One below it is a change too small to tell from which tokens
+    were sampled; when most are, the list of phases (the headline, the report, the
+    dashboard's annotations) shows mostly noise, although every value is computed right.
+    Under half warns. No transitions is ok (nothing is claimed); without a baseline
+    (``ot.permutations: 0``) nothing tells them from noise, which warns. A depth-only run
+    has no curve and no check.
+    """
+    mean = report.get("curves", {}).get("mean")
+    if mean is None:
+        return []
+    transitions = mean["transitions"]
+    if not transitions:
+        return [judged("ot", "transitions_above_baseline", None, 0.5, "ok",
+                       "the mean drift curve has no transitions to judge")]  # fmt: skip
+    above = [t["exceeds_baseline"] for t in transitions]
+    if None in above:
+        return [judged(
+            "ot", "transitions_above_baseline", None, 0.5, "warn",
+            f"{len(above)} transitions were not compared with sampling noise (no permutation "
+            "baseline); set ot.permutations (e.g. 20)",
+        )]  # fmt: skip
+    return [at_least(
+        "ot", "transitions_above_baseline", sum(above) / len(above),
+        what="share of the mean drift curve's transitions above the permutation baseline "
+        f"({sum(above)} of {len(above)})",
+        fix="the others are within sampling noise (exceeds_baseline false in ot/phases.json): "
+        "raise ot.n_points (a finer baseline) or ot.change_penalty (fewer change points)",
+        warn=0.5,
+    )]  # fmt: skip
 
 
 def _settings(ot: OTSpec, device: str) -> DriftSettings:

@@ -19,7 +19,7 @@ import torch
 from services.ot import phases
 from services.ot.__main__ import OT
 from services.ot.drift import DriftSettings, SolveStats, compute_drift, total_problems
-from services.ot.stage import quality_checks
+from services.ot.stage import quality_checks, transition_checks
 from shared import layout
 from shared.spec import RunSpec, apply_overrides
 from shared.stage import stage_main
@@ -114,6 +114,8 @@ def test_stage_finds_the_planted_jump_and_writes_every_artifact(store):
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
     status = store.get_json(layout.status_key(run_id, "ot"))
     assert status["state"] == "succeeded" and status["headline"]["transitions"] == [JUMP_AT]
+    verdicts = {c["check"]: (c["verdict"], c["value"]) for c in status["quality"]}
+    assert verdicts["transitions_above_baseline"] == ("ok", 1.0)
     assert store.exists(layout.ot_done_key(run_id))
 
     drift_before = store.get_bytes(layout.ot_drift_key(run_id))
@@ -286,6 +288,37 @@ def test_plateau_gives_rising_and_falling_change_points_and_one_transition():
     (tr,) = curve["transitions"]
     assert (tr["step"], tr["interval"], tr["by"]) == (40, [30, 70], ["mad", "pelt"])
     assert tr["exceeds_baseline"] is None
+
+
+def _judged_transitions(values, baseline):
+    steps = list(range(0, 10 * (len(values) + 1), 10))
+    curve = phases.analyse_curve(
+        steps, np.asarray(values), baseline=baseline, ci=None, p_values=None, penalty=None
+    )
+    (check,) = transition_checks({"curves": {"mean": curve}})
+    return curve["transitions"], check
+
+
+def test_transitions_mostly_within_the_baseline_warn_and_say_how_many():
+    """Three bursts of drift, only the first above the permutation baseline: the list of
+    phases is mostly noise, and the banner must say so (grokking's mean curve: 1 of 7)."""
+    values = [1.0] * 3 + [9.0] + [1.0] * 3 + [4.0] + [1.0] * 3 + [4.0] + [1.0] * 3
+    transitions, check = _judged_transitions(values, np.full(len(values), 6.0))
+    assert [t["exceeds_baseline"] for t in transitions] == [True, False, False]
+    assert (check.verdict, check.value) == ("warn", pytest.approx(1 / 3))
+    assert "(1 of 3)" in check.message and "ot.n_points" in check.message
+    # The same curve with a baseline under every burst: each one is resolvable.
+    _, resolved = _judged_transitions(values, np.full(len(values), 2.0))
+    assert (resolved.verdict, resolved.value) == ("ok", 1.0)
+
+
+def test_transitions_without_a_baseline_warn_and_a_flat_curve_is_ok():
+    values = [1.0] * 5 + [9.0] + [1.0] * 5
+    _, untested = _judged_transitions(values, None)
+    assert untested.verdict == "warn" and "ot.permutations" in untested.message
+    flat, quiet = _judged_transitions([1.0, 1.02, 0.99, 1.01, 1.0, 0.98], np.ones(6))
+    assert flat == [] and quiet.verdict == "ok"
+    assert transition_checks({"depth_only": True}) == []
 
 
 def test_lead_lag_sign_says_which_moves_first():
