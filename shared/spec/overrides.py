@@ -11,8 +11,8 @@ from pydantic import BaseModel
 from shared.errors import SpecError
 from shared.spec.errors import unknown_key_message, unwrap_annotation
 from shared.spec.run_spec import SEEDED_SECTIONS, RunSpec, spec_to_dict
-from shared.spec.yaml_io import spec_from_dict
-from shared.yaml_budget import YAMLBudgetError, bounded_load
+from shared.spec.yaml_io import parse_yaml_value, spec_from_dict
+from shared.yaml_budget import YAMLBudgetError
 
 # Overriding one side of an either/or pair clears the other (a sweep over epochs must not
 # collide with the default steps).
@@ -60,18 +60,21 @@ def apply_overrides(
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """`KEY=VALUE` pairs (a benchmark's `--set`) as overrides; values are read as YAML."""
+    """`KEY=VALUE` pairs (a benchmark's `--set`) as overrides; values are read as YAML, in
+    the spec files' dialect, so `custom.lr=1e-3` is the number a spec file would give."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SpecError(f"--set {pair}: expected KEY=VALUE, e.g. train.steps=100")
         try:
-            out[key.strip()] = bounded_load(value, yaml.SafeLoader)
+            out[key.strip()] = parse_yaml_value(value)
         except YAMLBudgetError as err:
             raise SpecError(f"--set {key.strip()}: the value {err}") from None
-        except yaml.YAMLError:
-            raise SpecError(f"--set {pair}: the value is not valid YAML") from None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None)
+            why = f" ({problem})" if problem else ""
+            raise SpecError(f"--set {pair}: the value is not valid YAML{why}") from None
     return out
 
 

@@ -68,6 +68,11 @@ for _cls in (_SpecLoader, _SpecDumper):
 _SpecDumper.add_representer(list, _SpecDumper.represent_list)
 
 
+def parse_yaml_value(text: str) -> Any:
+    """One YAML value in the spec dialect (a `--set` value): `1e-3` is a float here too."""
+    return bounded_load(text, _SpecLoader)
+
+
 def load_spec(path: str | os.PathLike[str]) -> RunSpec:
     """Read and validate the spec at `path`; any problem is one `SpecError` line."""
     data, source = read_yaml_file(

@@ -443,11 +443,15 @@ def test_apply_overrides_rejects(overrides, expected):
 
 
 def test_parse_overrides_reads_yaml_values_and_rejects_bad_pairs():
-    assert parse_overrides(["train.steps=100", "train.betas=[0.9, 0.98]", "run.notes=a=b"]) == {
+    pairs = ["train.steps=100", "train.betas=[0.9, 0.98]", "run.notes=a=b", "custom.lr=1e-3"]
+    assert parse_overrides(pairs) == {
         "train.steps": 100,
         "train.betas": [0.9, 0.98],
         "run.notes": "a=b",
+        "custom.lr": 0.001,  # a float, as in a spec file (plain YAML 1.1 reads a string)
     }
+    with pytest.raises(SpecError, match="duplicate key"):
+        parse_overrides(["custom.x={a: 1, a: 2}"])
     for bad, words in (("train.steps", "expected KEY=VALUE"), ("x=[1", "not valid YAML")):
         with pytest.raises(SpecError, match=words):
             parse_overrides([bad])
