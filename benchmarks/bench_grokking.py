@@ -11,8 +11,11 @@ report with it, and prints JSON lines:
   jump from memorised-train-only to generalising), the accuracy jumps, OT change points and
   HMM state changes the report's phase-agreement section found, the OT change points whose
   size exceeds their curve's drift baseline in some layer or in the mean over layers
-  (`ot_significant`: the rest are within noise), and, for each of OT, significant OT and HMM, the boundary nearest the grok step
-  with its offset in checkpoints (negative: earlier);
+  (`ot_significant`: the rest are within noise), the checkpoints after a training-loss
+  spike (`loss_spikes`: Adam's slingshots, in which grokking's jumps happen), how many OT
+  change points and loss spikes lie within tolerance of one another (`ot_vs_loss_spikes`),
+  and, for each of OT, significant OT, HMM and loss spikes, the boundary nearest the grok
+  step with its offset in checkpoints (negative: earlier);
 - a summary: how many runs grokked, and in how many of them OT and the HMM put a
   boundary within `evaluate.phase_tolerance` checkpoints of the grok step.
 
@@ -49,7 +52,7 @@ from shared.sweep import expand, load_sweep
 from workflows.commands import run_sweep_registered
 
 #: The boundaries compared with the grok step.
-SOURCES = ("ot", "ot_significant", "hmm")
+SOURCES = ("ot", "ot_significant", "hmm", "loss_spikes")
 
 
 def run_sweep(
@@ -104,6 +107,8 @@ def analyse(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
             "ot_significant": sources.get("ot_significant"),
             "hmm_state_changes": sources.get("hmm"),
             "hmm_states": report.get("hmm", {}).get("n_states"),
+            "loss_spikes": sources.get("loss_spikes"),
+            "ot_vs_loss_spikes": _pair(phases["pairs"], "ot", "loss_spikes"),
         }
         for name in SOURCES:
             line[f"{name}_nearest"] = (
@@ -112,6 +117,18 @@ def analyse(store: Store, run_ids: list[str]) -> list[dict[str, Any]]:
         line["tolerance_checkpoints"] = phases["tolerance_checkpoints"]
         lines.append(line)
     return lines
+
+
+def _pair(pairs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+    """How many boundaries of `a` and of `b` have one of the other within tolerance."""
+    for pair in pairs:
+        if {pair["a"], pair["b"]} == {a, b}:
+            side = {pair["a"]: "a", pair["b"]: "b"}
+            return {
+                f"{name}_matched": f"{pair[side[name] + '_matched']} of {pair['n_' + side[name]]}"
+                for name in (a, b)
+            }
+    return None
 
 
 def summary(lines: list[dict[str, Any]]) -> dict[str, Any]:

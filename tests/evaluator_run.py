@@ -55,8 +55,16 @@ def detection_rows(n: int = 80, seed: int = 0) -> list[dict]:
     return rows
 
 
+#: The training loss spikes (tenfold) at this step, seen first by the checkpoint at JUMP_AT.
+LOSS_SPIKE_AT = JUMP_AT - 3
+
+
+def train_loss(step: int) -> float:
+    return 3.0 / (1 + step) * (20.0 if step in (LOSS_SPIKE_AT, LOSS_SPIKE_AT + 1) else 1.0)
+
+
 def write_training(store: Store, run_id: str) -> None:
-    rows = [{"step": s, "loss": 3.0 / (1 + s), "lr": 1e-3, "grad_norm": 1.0} for s in range(61)]
+    rows = [{"step": s, "loss": train_loss(s), "lr": 1e-3, "grad_norm": 1.0} for s in range(61)]
     store.put_text(layout.train_metrics_key(run_id), "".join(json.dumps(r) + "\n" for r in rows))
     rng = np.random.default_rng(1)
     # Every HMM feature has two levels, switching at JUMP_AT: two phases by construction.

@@ -19,6 +19,10 @@ import numpy as np
 JUMP_SHARE = 0.5
 #: ...and at least this many accuracy points (so noise on a flat curve is no jump).
 MIN_JUMP = 0.05
+#: A logged training loss at least this many times the median of the LOSS_SPIKE_WINDOW
+#: logged before it is a loss spike.
+LOSS_SPIKE_RATIO = 10.0
+LOSS_SPIKE_WINDOW = 5
 #: Held-out accuracy whose first checkpoint dates a learnt task's transition (grokking's
 #: jump from memorising the training pairs to answering the held-out ones).
 CROSSING_ACCURACY = 0.5
@@ -38,6 +42,34 @@ def accuracy_jumps(steps: Sequence[int], accuracy: Sequence[float]) -> list[int]
         return []
     keep = np.flatnonzero(change >= max(JUMP_SHARE * largest, MIN_JUMP))
     return [int(steps[int(i) + 1]) for i in keep]
+
+
+def loss_spikes(steps: Sequence[int], losses: Sequence[float]) -> list[dict[str, float]]:
+    """Sudden rises of the training loss: a logged loss at least LOSS_SPIKE_RATIO times the
+    median of the LOSS_SPIKE_WINDOW logged before it, the first of consecutive ones.
+
+    Why look: under Adam a model that has fit its training set leaves it again in sudden
+    loss spikes (the slingshot mechanism, Thilak et al. 2022), and grokking's jumps in
+    held-out accuracy happen in them; the weights move far in one go, so the drift of the
+    representations shows them too. A tenfold rise is far outside the step-to-step noise
+    of a minibatch loss, so an ordinary run has none.
+    """
+    spikes: list[dict[str, float]] = []
+    previous = -2
+    for i in range(LOSS_SPIKE_WINDOW, len(losses)):
+        before = float(np.median(losses[i - LOSS_SPIKE_WINDOW : i]))
+        if losses[i] >= LOSS_SPIKE_RATIO * before and before > 0:
+            if i != previous + 1:
+                spikes.append({"step": int(steps[i]), "loss": float(losses[i]), "before": before})
+            previous = i
+    return spikes
+
+
+def spike_checkpoints(checkpoints: Sequence[int], spike_steps: Sequence[int]) -> list[int]:
+    """Each loss spike at the first checkpoint at or after it: the first whose weights
+    carry it, as OT reports an interval at its end (spikes after the last are dropped)."""
+    at = (bisect.bisect_left(checkpoints, step) for step in spike_steps)
+    return sorted({int(checkpoints[i]) for i in at if i < len(checkpoints)})
 
 
 def ot_change_points(phases: Mapping[str, Any]) -> list[int]:

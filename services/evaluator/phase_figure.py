@@ -6,9 +6,10 @@ decoded states of the training dynamics: when the three change together, the pic
 so without a table. A fourth view needs neither OT nor the HMM: the weights' norm (the
 mean Frobenius norm of the blocks' matrices, the dynamics' `l2`), which under weight decay
 grows while a model memorises and falls while it cleans up to a general solution (Nanda
-et al. 2023), so a transition shows as its bend. OT change points above their curve's baseline (in some layer or in the
-mean over layers) are solid, the mean curve's others dotted; the step where accuracy first
-crosses 50% is dashed black.
+et al. 2023), so a transition shows as its bend. OT change points above their curve's
+baseline (in some layer or in the mean over layers) are solid, the mean curve's others
+dotted; the step where accuracy first crosses 50% is dashed black; grey triangles on top
+mark the checkpoints after a training-loss spike (see `agreement.loss_spikes`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class PhaseSeries:
     hmm_steps: Sequence[int] = ()
     hmm_states: Sequence[int] = ()
     crossing: int | None = None
+    loss_spikes: Sequence[int] = ()  # checkpoints after a training-loss spike
     norm_steps: Sequence[int] = ()  # steps of the dynamics rows, and their weight norm
     weight_norm: Sequence[float | None] = ()
 
@@ -68,14 +70,19 @@ def phases_png(series: PhaseSeries) -> bytes:
     for step, significant in series.ot_points:
         top.axvline(step, color="C1", lw=1.6 if significant else 0.8,
                     ls="-" if significant else ":")  # fmt: skip
+    if series.loss_spikes:
+        (line,) = top.plot(series.loss_spikes, [1.0] * len(series.loss_spikes), "v",
+                           color="0.35", ms=6, label="training-loss spike")  # fmt: skip
+        handles.append(line)
     if series.crossing is not None:
         top.axvline(series.crossing, color="black", ls="--", lw=1.2)
         top.annotate("50% crossed", (series.crossing, 0.52), xytext=(4, 0),
                      textcoords="offset points", fontsize=8)  # fmt: skip
-    if handles:
-        top.legend(handles=handles, loc="center right", fontsize=8)
-    top.set_title("accuracy, drift (orange: OT change points), weight norm and HMM states",
-                  fontsize=10)  # fmt: skip
+    if handles:  # above the axes: inside, it hides whatever part of the curves it covers
+        top.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3,
+                   fontsize=8, frameon=False)  # fmt: skip
+    fig.suptitle("accuracy, drift (orange: OT change points), weight norm and HMM states",
+                 fontsize=10)  # fmt: skip
     _weight_norm(norm, series)
     _state_strip(strip, series)
     buffer = io.BytesIO()

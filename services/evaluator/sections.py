@@ -87,9 +87,15 @@ def training(report: Report, store: Store, run_id: str) -> list[int]:
     evals = eval_metrics(store, run_id, checkpoints)
     names = sorted({k for e in evals.values() for k, v in e.items() if isinstance(v, float)})
     series = {n: [evals[s].get(n) for s in checkpoints] for n in names}
+    logged = [r for r in rows if isinstance(r.get("loss"), int | float)]
     report.data["training"] = {
         "checkpoints": checkpoints,
         "final_loss": rows[-1]["loss"] if rows else None,
+        "loss_spikes": agreement.loss_spikes(
+            [r["step"] for r in logged], [float(r["loss"]) for r in logged]
+        )
+        if logged
+        else None,
         "eval": series,
         "final_eval": {n: v[-1] for n, v in series.items()},
         "log_rows": len(rows),
@@ -275,17 +281,22 @@ def phases(
     ot_phases: dict[str, Any] | None,
 ) -> None:
     accuracy = report.data["training"]["eval"].get("eval_accuracy")
+    spikes = report.data["training"]["loss_spikes"]
     sources = {
         "hmm": None if hmm_changes is None else hmm_changes.get(report.run_id, []),
         "ot": None if ot_phases is None else agreement.ot_change_points(ot_phases),
         "accuracy": None
         if accuracy is None or any(v is None for v in accuracy)
         else agreement.accuracy_jumps(checkpoints, accuracy),
+        "loss_spikes": None
+        if spikes is None
+        else agreement.spike_checkpoints(checkpoints, [spike["step"] for spike in spikes]),
     }
     why = {
         "hmm": report.absent.get("hmm"),
         "ot": report.absent.get("drift"),
         "accuracy": "the checkpoints have no eval_accuracy (the task has no answers)",
+        "loss_spikes": "train/metrics.jsonl has no logged loss",
     }
     section = agreement.phase_agreement(checkpoints, sources, spec.evaluate.phase_tolerance)
     section["absent_because"] = {name: why[name] for name in section["absent"]}
@@ -300,6 +311,7 @@ def phases(
                 if significant is None
                 else [point["step"] for point in significant],
                 "hmm": sources["hmm"],
+                "loss_spikes": sources["loss_spikes"],
             },
         )
     report.data["phases"] = section
@@ -334,6 +346,7 @@ def _phase_series(
         hmm_steps=path.get("steps", []),
         hmm_states=path.get("states", []),
         crossing=report.data["phases"].get("crossing", {}).get("step"),
+        loss_spikes=report.data["phases"]["sources"].get("loss_spikes", []),
         norm_steps=dynamics.get("steps", []),
         weight_norm=dynamics.get("weight_norm", []),
     )

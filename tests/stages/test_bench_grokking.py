@@ -59,6 +59,12 @@ def test_analyse_two_runs_lines_up_accuracy_drift_and_hmm(bench, tmp_path, capsy
             and line["ot_significant_nearest"]["step"] == JUMP_AT
         )
         assert line["hmm_nearest"]["offset_checkpoints"] == 0 and line["hmm_states"] >= 2
+        assert line["loss_spikes"] == [JUMP_AT] and line["loss_spikes_nearest"]["step"] == JUMP_AT
+        # The planted change point at 10 has no loss spike near it; the one at JUMP_AT has.
+        assert line["ot_vs_loss_spikes"] == {
+            "ot_matched": "1 of 2",
+            "loss_spikes_matched": "1 of 1",
+        }
         crossing = store.get_json(layout.evaluate_report_json_key(line["run_id"]))["phases"][
             "crossing"
         ]  # the report's own view of the same transition
@@ -68,6 +74,7 @@ def test_analyse_two_runs_lines_up_accuracy_drift_and_hmm(bench, tmp_path, capsy
     assert summary["grokked"] == 2 and summary["ot_within_tolerance"] == 2
     assert summary["ot_significant_within_tolerance"] == 2
     assert summary["hmm_within_tolerance"] == 2 and summary["grok_steps"] == [JUMP_AT] * 2
+    assert summary["loss_spikes_within_tolerance"] == 2
 
 
 @pytest.mark.slow

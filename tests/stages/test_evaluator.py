@@ -27,7 +27,15 @@ from shared.auroc import (
 from shared.sae.artifacts import load_sae
 from shared.spec import EvaluateSpec
 from shared.stage import stage_main
-from tests.evaluator_run import N_TOKENS, SAE_LAYER, STEPS, detection_rows, make_run
+from tests.evaluator_run import (
+    JUMP_AT,
+    LOSS_SPIKE_AT,
+    N_TOKENS,
+    SAE_LAYER,
+    STEPS,
+    detection_rows,
+    make_run,
+)
 
 RNG = np.random.default_rng(7)
 LABELS = RNG.integers(0, 2, 120)
@@ -166,6 +174,21 @@ def test_pair_agreement_counts_matches_within_tolerance():
     assert agreement.accuracy_jumps([0, 1, 2], [0.1, 0.11, 0.12]) == []
 
 
+def test_loss_spikes_are_tenfold_rises_counted_once_and_dated_by_the_next_checkpoint():
+    """The grokking runs' slingshots: a loss resting near 5e-5 jumps to 0.03 for two logged
+    rows and decays; an ordinary noisy descent is no spike."""
+    steps = list(range(0, 200, 10))
+    losses = [5e-5] * 20
+    losses[12:15] = [0.03, 0.002, 4e-4]  # steps 120-140: one spike, not three
+    (spike,) = agreement.loss_spikes(steps, losses)
+    assert spike == {"step": 120, "loss": 0.03, "before": 5e-5}
+    noisy = 2.0 * np.exp(-np.arange(200) / 50) * (1 + 0.3 * RNG.standard_normal(200))
+    assert agreement.loss_spikes(list(range(200)), list(np.abs(noisy))) == []
+    # Reported at the first checkpoint at or after the spike; none after the last one.
+    assert agreement.spike_checkpoints([0, 100, 200], [120, 130, 200, 250]) == [200]
+    assert agreement.spike_checkpoints([0, 100, 200], [100]) == [100]
+
+
 def test_significant_ot_change_points_test_each_curve_against_its_own_baseline():
     # The demo's shape: the embeddings' split-half baseline is large, so the mean curve's
     # baseline hides a change that layer 1 shows far above its own.
@@ -213,6 +236,14 @@ def test_full_report_has_every_section_and_agreeing_phases(store):
     assert len(dynamics["weight_norm"]) == len(dynamics["steps"]) > 1
     phases = report["phases"]
     assert phases["sources"]["ot"] == [40] and phases["sources"]["accuracy"] == [40]
+    # Two logged spiking losses are one spike, seen first by the checkpoint after it.
+    (spike,) = report["training"]["loss_spikes"]
+    assert spike["step"] == LOSS_SPIKE_AT and spike["loss"] > 10 * spike["before"]
+    assert phases["sources"]["loss_spikes"] == [JUMP_AT]
+    assert phases["crossing"]["nearest"]["loss_spikes"] == {
+        "step": JUMP_AT,
+        "offset_checkpoints": 0,
+    }
     assert all(p["agreement"] == 1.0 for p in phases["pairs"] if "hmm" not in (p["a"], p["b"]))
     scores = report["detection"]["scores"]
     assert scores["detector"]["auroc"] > scores["baseline_random"]["auroc"]
