@@ -71,18 +71,21 @@ def phases_png(series: PhaseSeries) -> bytes:
         top.axvline(step, color="C1", lw=1.6 if significant else 0.8,
                     ls="-" if significant else ":")  # fmt: skip
     if series.loss_spikes:
+        # On the frame's top edge, in axes units: at 1.0 in data they hid under accuracy.
         (line,) = top.plot(series.loss_spikes, [1.0] * len(series.loss_spikes), "v",
-                           color="0.35", ms=6, label="training-loss spike")  # fmt: skip
+                           color="0.35", ms=6, label="training-loss spike", clip_on=False,
+                           transform=top.get_xaxis_transform())  # fmt: skip
         handles.append(line)
     if series.crossing is not None:
         top.axvline(series.crossing, color="black", ls="--", lw=1.2)
         top.annotate("50% crossed", (series.crossing, 0.52), xytext=(4, 0),
                      textcoords="offset points", fontsize=8)  # fmt: skip
     if handles:  # above the axes: inside, it hides whatever part of the curves it covers
-        top.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3,
+        top.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.03), ncol=3,
                    fontsize=8, frameon=False)  # fmt: skip
-    fig.suptitle("accuracy, drift (orange: OT change points), weight norm and HMM states",
-                 fontsize=10)  # fmt: skip
+    # Padded over the legend's two rows (points), which sit between it and the frame.
+    top.set_title("accuracy, drift (orange: OT change points), weight norm and HMM states",
+                  fontsize=10, pad=36)  # fmt: skip
     _weight_norm(norm, series)
     _state_strip(strip, series)
     buffer = io.BytesIO()
