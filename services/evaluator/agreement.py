@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,8 +53,11 @@ def loss_spikes(steps: Sequence[int], losses: Sequence[float]) -> list[dict[str,
     loss spikes (the slingshot mechanism, Thilak et al. 2022), and grokking's jumps in
     held-out accuracy happen in them; the weights move far in one go, so the drift of the
     representations shows them too. A tenfold rise is far outside the step-to-step noise
-    of a minibatch loss, so an ordinary run has none.
+    of a minibatch loss, so an ordinary run has none. A diverged loss (NaN, inf) is left
+    out: the trainer's verdicts judge that, and it has no size to compare.
     """
+    finite = [(s, x) for s, x in zip(steps, losses, strict=True) if math.isfinite(x)]
+    steps, losses = [s for s, _ in finite], [x for _, x in finite]
     spikes: list[dict[str, float]] = []
     previous = -2
     for i in range(LOSS_SPIKE_WINDOW, len(losses)):

@@ -182,6 +182,11 @@ def test_loss_spikes_are_tenfold_rises_counted_once_and_dated_by_the_next_checkp
     losses[12:15] = [0.03, 0.002, 4e-4]  # steps 120-140: one spike, not three
     (spike,) = agreement.loss_spikes(steps, losses)
     assert spike == {"step": 120, "loss": 0.03, "before": 5e-5}
+    # A diverged row is skipped, not a spike, and does not hide the next one.
+    losses[16:18] = [float("nan"), float("inf")]
+    assert [s["step"] for s in agreement.loss_spikes(steps, losses)] == [120]
+    losses[18] = 0.03
+    assert [s["step"] for s in agreement.loss_spikes(steps, losses)] == [120, 180]
     noisy = 2.0 * np.exp(-np.arange(200) / 50) * (1 + 0.3 * RNG.standard_normal(200))
     assert agreement.loss_spikes(list(range(200)), list(np.abs(noisy))) == []
     # Reported at the first checkpoint at or after the spike; none after the last one.
