@@ -20,11 +20,13 @@ step curves. The permutation baseline is the drift between two random halves of 
 checkpoint's cloud: the n drift tokens pooled with up to n further probe tokens, split at
 random into two disjoint halves (n each when the probe has 2n tokens or more), in the
 layer's basis and scale. It is the drift two token samples of one and the same
-distribution show, the resolution of an n-token cloud: a step's drift below it is a
-change too small to tell from which tokens were sampled. Its 95th percentile over the
-splits of both checkpoints of a step is the level a step is compared with, and the share
-of those splits reaching the step's drift its p-value. (Step drift compares the *same*
-tokens, so it is 0 without change; the baseline is therefore a conservative yardstick.)
+distribution show, the resolution of an n-token cloud when different tokens are
+compared: a step's drift below it is a change smaller than the spread between two
+samples of one checkpoint. Its 95th percentile over the splits of both checkpoints of a
+step is the level a step is compared with, and the share of those splits reaching the
+step's drift its p-value. (Step drift compares the *same* tokens, so it is 0 without
+change; the baseline is therefore a conservative yardstick of size. Whether a change is
+certain at all is the bootstrap's question: `services.ot.phases`, `clears_background`.)
 """
 
 from __future__ import annotations

@@ -20,8 +20,12 @@ more than that.
 A *transition* is an episode of rising drift: consecutive intervals that are spikes or
 start a higher level (a rising change point), reported at its first interval (`step`) with
 its peak; `magnitude` is the peak drift minus the curve's median. Each item says whether
-the drift exceeds the permutation baseline (see `services.ot.drift`), so a reader can tell
-drift from sampling noise.
+the drift exceeds the permutation baseline (see `services.ot.drift`): whether the change
+is as large as the difference between two token samples of one checkpoint. Step drift
+compares the same tokens, so a change can be far smaller than that and still be certain;
+a transition therefore also says whether it stands clear of its curve's typical level
+under token resampling (`clears_background`: the peak's lower bootstrap bound above the
+median of the curve's upper bounds), which tells a burst of drift from sampling noise.
 """
 
 from __future__ import annotations
@@ -133,7 +137,8 @@ def analyse_curve(
     for i in spike_at:
         flagged.setdefault(i, set()).add("mad")
     transitions = [
-        _transition(steps, values, baseline, episode, flagged) for episode in _runs(sorted(flagged))
+        _transition(steps, values, baseline, ci, episode, flagged)
+        for episode in _runs(sorted(flagged))
     ]
     return {
         "values": values.tolist(),
@@ -161,11 +166,13 @@ def _transition(
     steps: Sequence[int],
     values: np.ndarray,
     baseline: np.ndarray | None,
+    ci: np.ndarray | None,
     episode: list[int],
     flagged: Mapping[int, set[str]],
 ) -> dict[str, Any]:
     """One episode of rising drift: consecutive flagged intervals, reported at its start."""
     peak = max(episode, key=lambda i: float(values[i]))
+    clears = None if ci is None else bool(ci[0][peak] > float(np.median(ci[1])))
     return {
         "step": int(steps[episode[0] + 1]),
         "interval": [int(steps[episode[0]]), int(steps[episode[-1] + 1])],
@@ -174,6 +181,7 @@ def _transition(
         "magnitude": float(values[peak] - np.median(values)),
         "by": sorted(set().union(*(flagged[i] for i in episode))),
         "exceeds_baseline": _exceeds(float(values[peak]), baseline, peak),
+        "clears_background": clears,
     }
 
 

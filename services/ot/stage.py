@@ -129,36 +129,38 @@ def quality_checks(stats: SolveStats) -> list[QualityCheck]:
 
 
 def transition_checks(report: Mapping[str, Any]) -> list[QualityCheck]:
-    """The verdict on what the mean step-drift curve's transitions mean.
+    """The verdict on whether the mean step-drift curve's transitions are more than noise.
 
-    ``transitions_above_baseline``: the share of its transitions whose peak drift exceeds
-    the permutation baseline. One below it is a change too small to tell from which tokens
-    were sampled; when most are, the list of phases (the headline, the report, the
-    dashboard's annotations) shows mostly noise, although every value is computed right.
-    Under half warns. No transitions is ok (nothing is claimed); without a baseline
-    (``ot.permutations: 0``) nothing tells them from noise, which warns. A depth-only run
-    has no curve and no check.
+    ``transitions_resolved``: the share of its transitions that stand clear of the curve's
+    typical level under token resampling (`clears_background`, see `services.ot.phases`).
+    One that does not may be a wiggle of which tokens were sampled; when most are, the list
+    of phases (the headline, the report, the dashboard's annotations) shows mostly noise,
+    although every value is computed right. Under half warns. No transitions is ok (nothing
+    is claimed); without bootstrap intervals (``ot.bootstrap: 0``) nothing tells them from
+    noise, which warns. A depth-only run has no curve and no check. (The permutation
+    baseline answers another question, how large a change is, and is no verdict: a
+    grokking model's slingshots move it a tenth of the split-half drift, certainly.)
     """
     mean = report.get("curves", {}).get("mean")
     if mean is None:
         return []
     transitions = mean["transitions"]
     if not transitions:
-        return [judged("ot", "transitions_above_baseline", None, 0.5, "ok",
+        return [judged("ot", "transitions_resolved", None, 0.5, "ok",
                        "the mean drift curve has no transitions to judge")]  # fmt: skip
-    above = [t["exceeds_baseline"] for t in transitions]
-    if None in above:
+    clear = [t["clears_background"] for t in transitions]
+    if None in clear:
         return [judged(
-            "ot", "transitions_above_baseline", None, 0.5, "warn",
-            f"{len(above)} transitions were not compared with sampling noise (no permutation "
-            "baseline); set ot.permutations (e.g. 20)",
+            "ot", "transitions_resolved", None, 0.5, "warn",
+            f"{len(clear)} transitions were not compared with token-sampling noise (no "
+            "bootstrap intervals); set ot.bootstrap (e.g. 20)",
         )]  # fmt: skip
     return [at_least(
-        "ot", "transitions_above_baseline", sum(above) / len(above),
-        what="share of the mean drift curve's transitions above the permutation baseline "
-        f"({sum(above)} of {len(above)})",
-        fix="the others are within sampling noise (exceeds_baseline false in ot/phases.json): "
-        "raise ot.n_points (a finer baseline) or ot.change_penalty (fewer change points)",
+        "ot", "transitions_resolved", sum(clear) / len(clear),
+        what="share of the mean drift curve's transitions clear of its typical level under "
+        f"token resampling ({sum(clear)} of {len(clear)})",
+        fix="the others may be token-sampling noise (clears_background false in "
+        "ot/phases.json): raise ot.n_points, or ot.change_penalty for fewer change points",
         warn=0.5,
     )]  # fmt: skip
 

@@ -99,6 +99,7 @@ def test_stage_finds_the_planted_jump_and_writes_every_artifact(store):
         assert rising == [JUMP_AT], name
         (tr,) = curve["transitions"]
         assert tr["exceeds_baseline"] is True and sorted(tr["by"]) == ["mad", "pelt"]
+        assert tr["clears_background"] is True
         jump = STEPS.index(JUMP_AT) - 1
         assert curve["p_values"][jump] == pytest.approx(1 / (2 * PERMUTATIONS + 1))
         quiet = [v for i, v in enumerate(curve["values"]) if i != jump]
@@ -115,7 +116,7 @@ def test_stage_finds_the_planted_jump_and_writes_every_artifact(store):
     status = store.get_json(layout.status_key(run_id, "ot"))
     assert status["state"] == "succeeded" and status["headline"]["transitions"] == [JUMP_AT]
     verdicts = {c["check"]: (c["verdict"], c["value"]) for c in status["quality"]}
-    assert verdicts["transitions_above_baseline"] == ("ok", 1.0)
+    assert verdicts["transitions_resolved"] == ("ok", 1.0)
     assert store.exists(layout.ot_done_key(run_id))
 
     drift_before = store.get_bytes(layout.ot_drift_key(run_id))
@@ -290,34 +291,45 @@ def test_plateau_gives_rising_and_falling_change_points_and_one_transition():
     assert tr["exceeds_baseline"] is None
 
 
-def _judged_transitions(values, baseline):
+def _judged_transitions(values, ci):
     steps = list(range(0, 10 * (len(values) + 1), 10))
     curve = phases.analyse_curve(
-        steps, np.asarray(values), baseline=baseline, ci=None, p_values=None, penalty=None
+        steps, np.asarray(values), baseline=None, ci=ci, p_values=None, penalty=None
     )
     (check,) = transition_checks({"curves": {"mean": curve}})
     return curve["transitions"], check
 
 
-def test_transitions_mostly_within_the_baseline_warn_and_say_how_many():
-    """Three bursts of drift, only the first above the permutation baseline: the list of
-    phases is mostly noise, and the banner must say so (grokking's mean curve: 1 of 7)."""
+def _bursts_and_intervals(spread: float) -> tuple[list[float], np.ndarray]:
+    """Three bursts of drift on a level of 1; the bootstrap puts each value within
+    +-spread of itself, except the first burst, which is always within +-0.5."""
     values = [1.0] * 3 + [9.0] + [1.0] * 3 + [4.0] + [1.0] * 3 + [4.0] + [1.0] * 3
-    transitions, check = _judged_transitions(values, np.full(len(values), 6.0))
-    assert [t["exceeds_baseline"] for t in transitions] == [True, False, False]
-    assert (check.verdict, check.value) == ("warn", pytest.approx(1 / 3))
+    half = np.full(len(values), spread)
+    half[3] = 0.5
+    return values, np.stack([np.asarray(values) - half, np.asarray(values) + half])
+
+
+def test_transitions_that_resampling_can_erase_warn_and_say_how_many():
+    """Three bursts, only the first clear of the curve's level whatever tokens were drawn:
+    the list of phases is mostly noise, and the banner must say so."""
+    transitions, check = _judged_transitions(*_bursts_and_intervals(spread=3.5))
+    assert [t["clears_background"] for t in transitions] == [True, False, False]
+    assert (check.check, check.verdict) == ("transitions_resolved", "warn")
+    assert check.value == pytest.approx(1 / 3)
     assert "(1 of 3)" in check.message and "ot.n_points" in check.message
-    # The same curve with a baseline under every burst: each one is resolvable.
-    _, resolved = _judged_transitions(values, np.full(len(values), 2.0))
+    # The same curve with tight intervals: each burst is certain, however small.
+    transitions, resolved = _judged_transitions(*_bursts_and_intervals(spread=0.2))
+    assert [t["clears_background"] for t in transitions] == [True, True, True]
     assert (resolved.verdict, resolved.value) == ("ok", 1.0)
 
 
-def test_transitions_without_a_baseline_warn_and_a_flat_curve_is_ok():
+def test_transitions_without_intervals_warn_and_a_flat_curve_is_ok():
     values = [1.0] * 5 + [9.0] + [1.0] * 5
     _, untested = _judged_transitions(values, None)
-    assert untested.verdict == "warn" and "ot.permutations" in untested.message
-    flat, quiet = _judged_transitions([1.0, 1.02, 0.99, 1.01, 1.0, 0.98], np.ones(6))
-    assert flat == [] and quiet.verdict == "ok"
+    assert untested.verdict == "warn" and "ot.bootstrap" in untested.message
+    flat = [1.0, 1.02, 0.99, 1.01, 1.0, 0.98]
+    transitions, quiet = _judged_transitions(flat, np.stack([np.zeros(6), 2 * np.ones(6)]))
+    assert transitions == [] and quiet.verdict == "ok"
     assert transition_checks({"depth_only": True}) == []
 
 
