@@ -123,7 +123,11 @@ def _state_strip(ax: Axes, series: PhaseSeries) -> None:
     edges = [steps[0], *middles, steps[-1]]
     for i, state in enumerate(states):
         ax.axvspan(edges[i], edges[i + 1], color=f"C{state % 10}", alpha=0.6, lw=0)
-    for i in range(1, len(states)):
-        if states[i] != states[i - 1]:
-            ax.text(steps[i], 0.5, f"S{states[i]}", fontsize=7, va="center")
+    # A band's label needs room: one too narrow for it (a state held for a checkpoint or
+    # two of a long run) stays unlabelled rather than printed over its neighbour's.
+    room = 0.04 * (steps[-1] - steps[0])
+    starts = [0, *(i for i in range(1, len(states)) if states[i] != states[i - 1])]
+    for start, end in itertools.pairwise([*starts, len(states)]):
+        if start > 0 and edges[end] - edges[start] >= room:
+            ax.text(steps[start], 0.5, f"S{states[start]}", fontsize=7, va="center")
     ax.set_ylabel("HMM", rotation=0, ha="right", va="center")
