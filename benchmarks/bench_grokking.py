@@ -11,19 +11,19 @@ report with it, and prints JSON lines:
   jump from memorised-train-only to generalising), the accuracy jumps, OT change points and
   HMM state changes the report's phase-agreement section found, the OT change points whose
   size exceeds their curve's drift baseline in some layer or in the mean over layers
-  (`ot_significant`: the rest are within noise), the checkpoints after a training-loss
+  (`ot_significant`: the rest are smaller, not necessarily noise), the checkpoints after a training-loss
   spike (`loss_spikes`: Adam's slingshots, in which grokking's jumps happen), how many OT
   change points and loss spikes lie within tolerance of one another (`ot_vs_loss_spikes`),
   and, for each of OT, significant OT, HMM and loss spikes, the boundary nearest the grok
   step with its offset in checkpoints (negative: earlier);
-- a summary: how many runs grokked, and in how many of them OT and the HMM put a
+- a summary: how many runs grokked, and in how many of them each source put a
   boundary within `evaluate.phase_tolerance` checkpoints of the grok step.
 
 The reference is the test-accuracy jump itself, measured in the same runs: the offsets
 are the comparison. configs/grokking.yaml is the paper's size (p=113, 4k full-batch
 steps, the loss on the answer): half an hour per seed on a 2-core CPU, minutes on a GPU.
-configs/grokking-cpu.yaml is a smaller modulus that groks on a laptop. --runs skips training and analyses runs already in
---store.
+configs/grokking-cpu.yaml is a smaller modulus that groks on a laptop. --runs skips
+training and analyses runs already in --store.
 
 Usage: python benchmarks/bench_grokking.py [--spec configs/grokking.yaml]
        [--sweep configs/sweeps/grokking-seeds.yaml] [--store DIR] [--set key=value ...]

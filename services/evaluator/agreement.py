@@ -85,13 +85,13 @@ def ot_change_points(phases: Mapping[str, Any]) -> list[int]:
 
 
 def significant_ot_change_points(phases: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The OT change points that exceed their own curve's permutation baseline (not noise).
+    """The OT change points that exceed their own curve's permutation baseline (large ones).
 
     Every curve of `ot/phases.json` is tested against its own baseline: each layer's and the
     mean over layers. The mean alone is not enough: its baseline is the mean of the layers'
     baselines, and a layer whose cloud holds few distinct points (the embeddings of a small
     vocabulary) has a large split-half baseline but little same-token drift, so it can
-    hide a change that another layer shows far above its own noise. Each step comes once,
+    hide a change that another layer shows far above its own. Each step comes once,
     with the curves that found it, sorted.
     """
     if phases.get("depth_only"):

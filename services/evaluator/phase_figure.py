@@ -1,7 +1,7 @@
 """One figure that shows a training phase three ways on one step axis.
 
 Held-out accuracy, the mean step drift of the hidden states (with the drift between two
-halves of one checkpoint's cloud, the resolution below which drift is noise) and the HMM's
+halves of one checkpoint's cloud, the size a change is measured against) and the HMM's
 decoded states of the training dynamics: when the three change together, the picture says
 so without a table. A fourth view needs neither OT nor the HMM: the weights' norm (the
 mean Frobenius norm of the blocks' matrices, the dynamics' `l2`), which under weight decay

@@ -139,7 +139,7 @@ def transition_checks(report: Mapping[str, Any]) -> list[QualityCheck]:
     is claimed); without bootstrap intervals (``ot.bootstrap: 0``) nothing tells them from
     noise, which warns. A depth-only run has no curve and no check. (The permutation
     baseline answers another question, how large a change is, and is no verdict: a
-    grokking model's slingshots move it a tenth of the split-half drift, certainly.)
+    grokking model's slingshots move it by 3-40% of the split-half drift, certainly.)
     """
     mean = report.get("curves", {}).get("mean")
     if mean is None:
